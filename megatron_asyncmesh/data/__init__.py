@@ -1,0 +1,1 @@
+"""Data: the bundled corpus, tokenizers, Megatron indexed datasets and loaders."""

@@ -1,0 +1,103 @@
+"""Process-group set-up for every launcher, and Megatron's parallel state.
+
+Launchers and how a rank learns its place:
+
+- ``torchrun`` and ``deepspeed`` set ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/
+  ``MASTER_ADDR``/``MASTER_PORT``: the env:// rendezvous is used directly.
+- ``mpirun`` sets ``OMPI_COMM_WORLD_*`` (or ``PMI_*``): ranks are discovered
+  through ``deepspeed.init_distributed(auto_mpi_discovery=True)`` (mpi4py).
+- a plain ``python -m megatron_asyncmesh.train`` is a world of one.
+
+gloo is the backend on CPU, NCCL on GPU. Collectives time out (default
+300 s, ``ASYNCMESH_DIST_TIMEOUT``) so a rank that dies cannot hang the rest
+forever; the launchers also kill the surviving ranks when one fails.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from megatron_asyncmesh.config import TrainConfig
+
+_MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect_launcher() -> str:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return "env"
+    if any(v in os.environ for v in _MPI_VARS):
+        return "mpi"
+    return "single"
+
+
+def init_distributed() -> str:
+    """Create the default process group; returns the launcher kind seen."""
+    if dist.is_initialized():
+        return "existing"
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(seconds=float(os.environ.get("ASYNCMESH_DIST_TIMEOUT", 300)))
+    kind = detect_launcher()
+    if kind == "mpi":
+        import deepspeed
+
+        # DeepSpeed reads rank/size/master from mpi4py, exports them as env vars
+        # and creates the torch.distributed default group.
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True,
+                                   timeout=timeout)
+    else:
+        if kind == "single":
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return kind
+
+
+def local_world_size() -> int:
+    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def set_cpu_threads(cfg: TrainConfig) -> int:
+    """Share the cores among the ranks on this machine (oversubscription is slow)."""
+    if torch.cuda.is_available():
+        return torch.get_num_threads()
+    threads = cfg.num_threads or max(1, (os.cpu_count() or 1) // max(1, local_world_size()))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def init_model_parallel(cfg: TrainConfig) -> int:
+    """Megatron parallel state for TP = 1, PP = cfg's; returns DP."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    dp = cfg.validate_world(dist.get_world_size())
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size)
+    torch.manual_seed(cfg.seed)
+    model_parallel_cuda_manual_seed(cfg.seed)
+    return dp
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if dist.is_initialized():
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()

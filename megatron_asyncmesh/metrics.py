@@ -1,0 +1,112 @@
+"""Run outputs: metrics.jsonl, summary.json, tensorboard events, a progress bar.
+
+Only global rank 0 writes. ``metrics.jsonl`` has one JSON object per line:
+training lines (``step``, ``loss``, ``lr``, ``tokens_per_s``,
+``step_time_s``, ``grad_norm``) and evaluation lines (``step``,
+``val_loss``, ``val_ppl``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+from typing import Any, Dict, Optional
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class RunWriter:
+    def __init__(self, run_dir: str, total_steps: int, enabled: bool, progress: bool,
+                 start_step: int = 0):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a" if start_step else "w")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except ImportError:  # tensorboard is in requirements.txt; tolerate its absence
+            self._tb = None
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train",
+                             dynamic_ncols=True, mininterval=1.0)
+
+    def log(self, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        step = record["step"]
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(("val/" if key.startswith("val_") else "train/") + key,
+                                        value, step)
+        if self._bar is not None:
+            if "loss" in record:
+                self._bar.update(1)
+                self._bar.set_postfix(loss=f"{record['loss']:.3f}",
+                                      tok_s=f"{record['tokens_per_s']:.0f}")
+            elif "val_loss" in record:
+                self._bar.write(f"step {step}: val_loss {record['val_loss']:.4f}")
+
+    def write_summary(self, summary: Dict[str, Any]) -> str:
+        path = os.path.join(self.run_dir, "summary.json")
+        if self.enabled:
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(summary, f, indent=2)
+            os.replace(tmp, path)
+        return path
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def format_table(rows, headers) -> str:
+    """A small markdown table."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    out = [line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def final_table(summary: Dict[str, Any]) -> str:
+    val = summary.get("val_loss_history") or []
+    rows = [
+        ("train_iters", summary.get("train_iters")),
+        ("layout", f"PP={summary['pipeline_model_parallel_size']} x "
+                   f"DP={summary['data_parallel_size']}"),
+        ("first val_loss", f"{val[0]['val_loss']:.4f}" if val else "n/a"),
+        ("final val_loss", _fmt(summary.get("final_val_loss"))),
+        ("final train loss", _fmt(summary.get("final_train_loss"))),
+        ("tokens/s", f"{summary.get('tokens_per_s', 0):.0f}"),
+        ("wall time (s)", f"{summary.get('wall_time_s', 0):.1f}"),
+        ("peak RSS per rank (MB)", ", ".join(f"{x:.0f}" for x in summary.get("peak_rss_mb", []))),
+        ("run dir", summary.get("run_dir")),
+    ]
+    return format_table(rows, ("metric", "value"))
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.4f}"

@@ -1,0 +1,213 @@
+"""Training entry point (``asyncmesh-train``): Megatron-core GPT, PP x DP, CPU or GPU.
+
+Single process (PP = DP = 1)::
+
+    asyncmesh-train --config launch/configs/tiny.yaml
+
+Four CPU ranks, PP = 2 x DP = 2, with each launcher::
+
+    torchrun --nproc_per_node 4 -m megatron_asyncmesh.train --config launch/configs/demo.yaml
+    deepspeed --num_gpus 4 --module megatron_asyncmesh.train --config launch/configs/demo.yaml
+    mpirun -np 4 python -m megatron_asyncmesh.train --config launch/configs/demo.yaml
+
+Multi-node: see ``launch/README.md``. Flags follow Megatron-LM
+(``--num-layers --hidden-size ... --pipeline-model-parallel-size``); with no
+``--data-path`` the bundled corpus is prepared (once) and used. Outputs go to
+``--run-dir``: ``metrics.jsonl``, ``summary.json``, ``tensorboard/``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import megatron_asyncmesh  # noqa: F401  (CPU compatibility layer before Megatron)
+from megatron_asyncmesh.config import ConfigError, TrainConfig, parse_config
+from megatron_asyncmesh.data.indexed import DatasetError
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0"
+
+
+def resolve_data(cfg: TrainConfig) -> None:
+    """Fill in --data-path (bundled corpus) and --tokenizer-model defaults."""
+    import json
+
+    import torch.distributed as dist
+
+    from megatron_asyncmesh.data.preprocess import ensure_bundled, tokenizer_path_for
+
+    if cfg.data_path is None:
+        # Rank 0 prepares the bundled corpus once; the others wait for it.
+        error = None
+        if dist.get_rank() == 0:
+            try:
+                cfg.data_path = ensure_bundled()
+            except Exception as exc:  # broadcast, so every rank stops together
+                error = f"could not prepare the bundled corpus: {exc}"
+        box = [cfg.data_path, error]
+        dist.broadcast_object_list(box, src=0)
+        cfg.data_path, error = box
+        if error:
+            raise DatasetError(error)
+    if cfg.tokenizer_model is None:
+        candidate = tokenizer_path_for(cfg.data_path)
+        meta_path = cfg.data_path + ".meta.json"
+        if not os.path.isfile(candidate) and os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                candidate = json.load(f).get("tokenizer_model", candidate)
+        if not os.path.isfile(candidate):
+            raise DatasetError(
+                f"no tokenizer found for --data-path {cfg.data_path!r} (looked for "
+                f"{candidate!r}); pass --tokenizer-model.")
+        cfg.tokenizer_model = candidate
+
+
+def run(cfg: TrainConfig) -> dict:
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_asyncmesh import checkpoint as ckpt
+    from megatron_asyncmesh import distributed as mdist
+    from megatron_asyncmesh.data.datasets import (
+        build_gpt_datasets, eval_microbatches, train_iterator)
+    from megatron_asyncmesh.metrics import RunWriter, final_table, peak_rss_mb
+    from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent, wrap_ddp
+    from megatron_asyncmesh.trainer import Trainer
+
+    t_start = time.time()
+    launcher = mdist.init_distributed()
+    threads = mdist.set_cpu_threads(cfg)
+    dp = mdist.init_model_parallel(cfg)
+    rank = dist.get_rank()
+    num_microbatches = cfg.num_microbatches(dp)
+    resolve_data(cfg)
+
+    first = parallel_state.is_pipeline_first_stage()
+    last = parallel_state.is_pipeline_last_stage()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    gb = cfg.global_batch_size
+    data = build_gpt_datasets(
+        cfg.data_path, cfg.tokenizer_model, cfg.seq_length, cfg.seed, cfg.split,
+        train_samples=cfg.train_iters * gb, valid_samples=max(1, cfg.eval_iters) * gb,
+        cache_path=cfg.data_cache_path, needs_data=first or last)
+
+    model = build_gpt_stage(cfg, data.vocab_size)
+    init_layout_independent(model, cfg)
+    model = wrap_ddp(cfg, model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = model.no_sync
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer=cfg.optimizer, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+        sgd_momentum=cfg.sgd_momentum, clip_grad=cfg.clip_grad, bf16=cfg.bf16,
+        params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+        use_distributed_optimizer=cfg.use_distributed_optimizer), [model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.lr_warmup_iters * gb,
+        lr_decay_steps=(cfg.lr_decay_iters or cfg.train_iters) * gb,
+        lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
+        wd_incr_steps=cfg.train_iters * gb, wd_incr_style="constant")
+
+    start_iter = 0
+    if cfg.load:
+        start_iter = ckpt.load(cfg, model, optimizer, scheduler)
+    trainer = Trainer(cfg, model, optimizer, scheduler, num_microbatches)
+    needs_data = first or last
+    train_it = train_iterator(data.train, cfg.micro_batch_size, dp_rank, dp, num_microbatches,
+                              consumed_samples=start_iter * gb) if needs_data else None
+    valid = (eval_microbatches(data.valid, cfg.micro_batch_size, dp_rank, dp, num_microbatches,
+                               cfg.eval_iters) if needs_data and cfg.eval_iters else None)
+
+    writer = RunWriter(cfg.run_dir, cfg.train_iters, enabled=rank == 0,
+                       progress=cfg.progress, start_step=start_iter)
+    val_history = []
+    stats = None
+    tokens_per_step = gb * cfg.seq_length
+    train_time = 0.0
+    timed_steps = 0
+
+    def evaluate(step: int) -> None:
+        if cfg.eval_iters:
+            val = trainer.evaluate(valid, cfg.eval_iters)
+            val_history.append({"step": step, "val_loss": val})
+            writer.log({"step": step, "val_loss": val,
+                        "val_ppl": float(torch.exp(torch.tensor(min(val, 50.0))))})
+
+    try:
+        if start_iter == 0:
+            evaluate(0)
+        for step in range(start_iter + 1, cfg.train_iters + 1):
+            t0 = time.perf_counter()
+            stats = trainer.train_step(train_it)
+            dt = time.perf_counter() - t0
+            if step > start_iter + 1:  # the first step includes one-off set-up work
+                train_time += dt
+                timed_steps += 1
+            if step % cfg.log_interval == 0 or step == cfg.train_iters:
+                writer.log({"step": step, "loss": stats["loss"], "lr": stats["lr"],
+                            "grad_norm": stats["grad_norm"], "step_time_s": dt,
+                            "tokens_per_s": tokens_per_step / dt})
+            if step % cfg.eval_interval == 0 and step != cfg.train_iters:
+                evaluate(step)
+            if cfg.save and cfg.save_interval and step % cfg.save_interval == 0:
+                ckpt.save(cfg, model, optimizer, scheduler, step)
+        if not val_history or val_history[-1]["step"] != cfg.train_iters:
+            evaluate(cfg.train_iters)
+        if cfg.save and (not cfg.save_interval or cfg.train_iters % cfg.save_interval):
+            ckpt.save(cfg, model, optimizer, scheduler, cfg.train_iters)
+    finally:
+        writer.close()
+
+    rss = [None] * dist.get_world_size()
+    dist.all_gather_object(rss, round(peak_rss_mb(), 1))
+    summary = {
+        "final_val_loss": val_history[-1]["val_loss"] if val_history else None,
+        "final_train_loss": stats["loss"] if stats else None,
+        "val_loss_history": val_history,
+        "tokens_per_s": tokens_per_step * timed_steps / train_time if train_time else None,
+        "train_iters": cfg.train_iters,
+        "peak_rss_mb": rss,
+        "pipeline_model_parallel_size": cfg.pipeline_model_parallel_size,
+        "data_parallel_size": dp,
+        "num_microbatches": num_microbatches,
+        "world_size": dist.get_world_size(),
+        "launcher": launcher,
+        "threads_per_rank": threads,
+        "wall_time_s": time.time() - t_start,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "run_dir": os.path.abspath(cfg.run_dir),
+        "config": cfg.to_dict(),
+    }
+    if rank == 0:
+        writer.write_summary(summary)
+        print(final_table(summary), flush=True)
+    mdist.shutdown()
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        cfg = parse_config(argv)
+        run(cfg)
+    except (ConfigError, DatasetError) as exc:
+        if _is_rank0():
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
