@@ -147,6 +147,12 @@ class TrainConfig:
                 f"min_lr={self.min_lr}.")
         if self.lr_warmup_iters < 0:
             raise ConfigError(f"--lr-warmup-iters must be >= 0, got {self.lr_warmup_iters}.")
+        decay = self.lr_decay_iters or self.train_iters
+        if self.lr_warmup_iters >= decay:
+            raise ConfigError(
+                f"--lr-warmup-iters {self.lr_warmup_iters} must be smaller than the decay "
+                f"length {decay} (--lr-decay-iters, default --train-iters); lower the warm-up "
+                f"(e.g. {max(0, decay // 10)}) or train longer.")
         if self.save_interval is not None and self.save_interval < 1:
             raise ConfigError(f"--save-interval must be >= 1, got {self.save_interval}.")
 
@@ -236,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Flags follow Megatron-LM; every flag is also a key of --config FILE.yaml.",
         argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file of flag values (flags given here win)")
+    # The deepspeed launcher appends --local_rank=N (LOCAL_RANK is in the env too).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     groups: Dict[str, argparse._ArgumentGroup] = {}
     for f in fields(TrainConfig):
         group_name = f.metadata["group"]
@@ -265,6 +273,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     args = vars(parser.parse_args(argv))
     values: Dict[str, Any] = {}
     config_path = args.pop("config", None)
+    args.pop("local_rank", None)
     if config_path:
         values.update(load_yaml(config_path))
     values.update(args)

@@ -311,6 +311,10 @@ def activate() -> bool:
         return True
     if os.environ.get("ASYNCMESH_CPU_COMPAT", "1") == "0" or torch.cuda.is_available():
         return False
+    import warnings
+
+    # Expected on a CPU: Megatron falls back to torch optimizers and kernels.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     _patch_torch_cuda()
     _patch_tensors_and_modules()
     _patch_imported_megatron()

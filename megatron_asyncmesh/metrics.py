@@ -110,3 +110,37 @@ def final_table(summary: Dict[str, Any]) -> str:
 
 def _fmt(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{x:.4f}"
+
+
+def plot_losses(run_dir: str) -> Optional[str]:
+    """loss.png: training loss and validation loss against steps."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = [], []
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "loss" in rec:
+                train.append((rec["step"], rec["loss"]))
+            elif "val_loss" in rec:
+                val.append((rec["step"], rec["val_loss"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = os.path.join(run_dir, "loss.png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -82,7 +82,7 @@ def run(cfg: TrainConfig) -> dict:
     from megatron_asyncmesh import distributed as mdist
     from megatron_asyncmesh.data.datasets import (
         build_gpt_datasets, eval_microbatches, train_iterator)
-    from megatron_asyncmesh.metrics import RunWriter, final_table, peak_rss_mb
+    from megatron_asyncmesh.metrics import RunWriter, final_table, peak_rss_mb, plot_losses
     from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent, wrap_ddp
     from megatron_asyncmesh.trainer import Trainer
 
@@ -193,6 +193,7 @@ def run(cfg: TrainConfig) -> dict:
     }
     if rank == 0:
         writer.write_summary(summary)
+        plot_losses(cfg.run_dir)
         print(final_table(summary), flush=True)
     mdist.shutdown()
     return summary

@@ -1,0 +1,112 @@
+"""CPU multi-process test harness: gloo ranks under a real launcher, hard timeout.
+
+Every distributed test goes through :func:`launch`: it starts the launcher
+(torchrun, deepspeed or mpirun) in its own process group on a free port and
+kills the whole group when the timeout expires, so a deadlock fails the test
+instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import List, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+TINY = os.path.join(REPO, "launch", "configs", "tiny.yaml")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for_ranks(extra: Optional[dict] = None) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=REPO,
+               ASYNCMESH_DIST_TIMEOUT="120", DS_ACCELERATOR="cpu",
+               PATH=BIN + os.pathsep + env.get("PATH", ""))
+    env.update(extra or {})
+    return env
+
+
+def launcher_cmd(launcher: str, nproc: int, target: Sequence[str]) -> List[str]:
+    """``target`` is ``["-m", module, args...]`` or ``[script.py, args...]``."""
+    port = str(free_port())
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_addr", "127.0.0.1", "--master_port", port, *target]
+    if launcher == "deepspeed":
+        ds_target = (["--module", target[1], *target[2:]] if target[0] == "-m" else list(target))
+        return [os.path.join(BIN, "deepspeed"), "--num_gpus", str(nproc),
+                "--master_port", port, *ds_target]
+    if launcher == "mpirun":
+        return [os.path.join(BIN, "mpirun"), "--allow-run-as-root", "--oversubscribe",
+                "-np", str(nproc), "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
+                "-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={port}",
+                sys.executable, *target]
+    if launcher == "python":
+        return [sys.executable, *target]
+    raise ValueError(launcher)
+
+
+class LaunchResult:
+    def __init__(self, returncode: int, output: str, seconds: float, timed_out: bool):
+        self.returncode = returncode
+        self.output = output
+        self.seconds = seconds
+        self.timed_out = timed_out
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.output.splitlines()[-n:])
+
+
+def launch(target: Sequence[str], nproc: int = 1, launcher: str = "torchrun",
+           timeout: float = 240, env: Optional[dict] = None, check: bool = True,
+           cwd: Optional[str] = None) -> LaunchResult:
+    cmd = launcher_cmd(launcher, nproc, target)
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env_for_ranks(env), cwd=cwd or REPO, start_new_session=True)
+    timed_out = False
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+    result = LaunchResult(proc.returncode, out, time.time() - t0, timed_out)
+    if check and (timed_out or proc.returncode != 0):
+        raise AssertionError(
+            f"{' '.join(cmd)}\n{'TIMED OUT after %.0f s' % timeout if timed_out else 'exit %d' % proc.returncode}"
+            f"\n--- output tail ---\n{result.tail()}")
+    return result
+
+
+def train(run_dir: str, nproc: int = 1, args: Sequence[str] = (), launcher: str = "torchrun",
+          timeout: float = 240, check: bool = True, config: str = TINY) -> LaunchResult:
+    """Run the training entry point (pass the data flags in ``args``)."""
+    target = ["-m", "megatron_asyncmesh.train", "--config", config, "--run-dir", run_dir,
+              "--no-progress", *args]
+    return launch(target, nproc=nproc, launcher=launcher, timeout=timeout, check=check)
+
+
+def read_metrics(run_dir: str):
+    train, val = [], []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            (train if "loss" in rec else val).append(rec)
+    return train, val
+
+
+def read_summary(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)
