@@ -28,7 +28,8 @@ def _iter_dir(root: str, iteration: int) -> str:
 
 
 def _state(model, optimizer, scheduler, iteration: int, is_loading: bool) -> dict:
-    model_sd = model.sharded_state_dict()
+    # The unwrapped GPTModel: its keys are the model's own (no DDP "module." prefix).
+    model_sd = model.module.sharded_state_dict()
     return {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
@@ -74,7 +75,7 @@ def load(cfg: TrainConfig, model, optimizer, scheduler) -> int:
         iteration = int(f.read().strip())
     path = _iter_dir(cfg.load, iteration)
     state = dist_checkpointing.load(_state(model, optimizer, scheduler, iteration, True), path)
-    model.load_state_dict(state["model"])
+    model.module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["opt_param_scheduler"])
     return int(state["iteration"])
