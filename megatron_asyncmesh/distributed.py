@@ -6,6 +6,8 @@ Launchers and how a rank learns its place:
   ``MASTER_ADDR``/``MASTER_PORT``: the env:// rendezvous is used directly.
 - ``mpirun`` sets ``OMPI_COMM_WORLD_*`` (or ``PMI_*``): ranks are discovered
   through ``deepspeed.init_distributed(auto_mpi_discovery=True)`` (mpi4py).
+- ``srun`` (one task per rank) sets ``SLURM_PROCID``/``SLURM_NTASKS``; with
+  ``MASTER_ADDR`` exported by the batch script they become the env:// variables.
 - a plain ``python -m megatron_asyncmesh.train`` is a world of one.
 
 gloo is the backend on CPU, NCCL on GPU. Collectives time out (default
@@ -36,6 +38,9 @@ def free_port() -> int:
 def detect_launcher() -> str:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return "env"
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and \
+            "MASTER_ADDR" in os.environ:
+        return "slurm"
     if any(v in os.environ for v in _MPI_VARS):
         return "mpi"
     return "single"
@@ -56,6 +61,13 @@ def init_distributed() -> str:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True,
                                    timeout=timeout)
     else:
+        if kind == "slurm":
+            # One task per rank (`srun python -m megatron_asyncmesh.train`); the
+            # batch script exports MASTER_ADDR/MASTER_PORT (launch/slurm.sbatch).
+            os.environ.update(RANK=os.environ["SLURM_PROCID"],
+                              WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                              LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+            os.environ.setdefault("MASTER_PORT", "29500")
         if kind == "single":
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
@@ -66,7 +78,8 @@ def init_distributed() -> str:
 
 
 def local_world_size() -> int:
-    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                "SLURM_NTASKS_PER_NODE"):
         if var in os.environ:
             return int(os.environ[var])
     return dist.get_world_size() if dist.is_initialized() else 1
