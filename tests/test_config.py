@@ -69,3 +69,25 @@ def test_bad_layout_from_the_entry_point(tmp_path, data_args):
                 timeout=120)
     assert res.returncode != 0 and not res.timed_out
     assert "world size 2 != PP x DP = 1 x 4 = 4" in res.output
+
+
+def test_named_configs_are_valid():
+    import glob
+    import os
+
+    from tests.harness import REPO
+
+    paths = sorted(glob.glob(os.path.join(REPO, "launch", "configs", "*.yaml")))
+    names = {os.path.basename(p) for p in paths}
+    assert {"tiny.yaml", "demo.yaml", "gpt-125m.yaml", "gpt-350m.yaml", "gpt-760m.yaml",
+            "gpt-1.3b.yaml"} <= names
+    shapes = {}
+    for path in paths:
+        cfg = parse_config(["--config", path])
+        shapes[os.path.basename(path)] = (cfg.num_layers, cfg.hidden_size,
+                                          cfg.num_attention_heads, cfg.seq_length)
+    # GPT-3 paper, Table 2.1.
+    assert shapes["gpt-125m.yaml"] == (12, 768, 12, 2048)
+    assert shapes["gpt-350m.yaml"] == (24, 1024, 16, 2048)
+    assert shapes["gpt-760m.yaml"] == (24, 1536, 16, 2048)
+    assert shapes["gpt-1.3b.yaml"] == (24, 2048, 24, 2048)

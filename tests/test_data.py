@@ -141,3 +141,18 @@ def test_training_refuses_mismatched_tokenizer(tmp_path, tiny_data):
 def test_token_dtype_fits_vocab(tiny_data):
     info = check_indexed_dataset(tiny_data["data_path"])
     assert info.dtype == np.uint16
+
+
+def test_microbatch_order_is_layout_independent():
+    """The samples of one optimizer step are the same for every DP size:
+    DP = 2 ranks together cover exactly what DP = 1 sees, microbatch by microbatch."""
+    from megatron_asyncmesh.data.datasets import microbatch_indices
+
+    single = microbatch_indices(32, micro_batch_size=2, dp_rank=0, dp_size=1,
+                                num_microbatches=8)
+    r0 = microbatch_indices(32, 2, 0, 2, 4)
+    r1 = microbatch_indices(32, 2, 1, 2, 4)
+    assert sorted(i for mb in single for i in mb) == list(range(32, 48))
+    assert sorted(i for mb in r0 + r1 for i in mb) == list(range(32, 48))
+    # Megatron-LM's sampler: rank r takes slice r of each (mb x DP) chunk.
+    assert r0[0] == [32, 33] and r1[0] == [34, 35] and r0[1] == [36, 37]

@@ -65,20 +65,24 @@ def microbatch_indices(start: int, micro_batch_size: int, dp_rank: int, dp_size:
 
 
 def _collate(dataset, indices: List[int]) -> Batch:
-    items = [dataset[i] for i in indices]
+    items = [dataset[i % len(dataset)] for i in indices]
     return {key: torch.stack([torch.as_tensor(it[key]) for it in items])
             for key in ("tokens", "labels", "loss_mask", "position_ids")}
 
 
 def train_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: int,
                    num_microbatches: int, consumed_samples: int = 0) -> Iterator[Batch]:
-    """Endless microbatches, resuming after ``consumed_samples`` (global count)."""
+    """Endless microbatches, resuming after ``consumed_samples`` (global count).
+
+    Megatron builds the training split with ``train_iters x global_batch``
+    samples; indices wrap around only if a run goes past that.
+    """
     global_batch = micro_batch_size * dp_size * num_microbatches
     start = consumed_samples
     while True:
-        for idx in microbatch_indices(start % len(dataset) if len(dataset) else 0,
-                                      micro_batch_size, dp_rank, dp_size, num_microbatches):
-            yield _collate(dataset, [i % len(dataset) for i in idx])
+        for idx in microbatch_indices(start, micro_batch_size, dp_rank, dp_size,
+                                      num_microbatches):
+            yield _collate(dataset, idx)
         start += global_batch
 
 
@@ -90,5 +94,5 @@ def eval_microbatches(dataset, micro_batch_size: int, dp_rank: int, dp_size: int
     for it in range(eval_iters):
         for idx in microbatch_indices(it * global_batch, micro_batch_size, dp_rank, dp_size,
                                       num_microbatches):
-            batches.append(_collate(dataset, [i % len(dataset) for i in idx]))
+            batches.append(_collate(dataset, idx))
     return batches
