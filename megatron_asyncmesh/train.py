@@ -94,14 +94,15 @@ def run(cfg: TrainConfig) -> dict:
     num_microbatches = cfg.num_microbatches(dp)
     resolve_data(cfg)
 
-    first = parallel_state.is_pipeline_first_stage()
-    last = parallel_state.is_pipeline_last_stage()
+    # Only the first (tokens) and last (labels) stages read data.
+    needs_data = (parallel_state.is_pipeline_first_stage()
+                  or parallel_state.is_pipeline_last_stage())
     dp_rank = parallel_state.get_data_parallel_rank()
     gb = cfg.global_batch_size
     data = build_gpt_datasets(
         cfg.data_path, cfg.tokenizer_model, cfg.seq_length, cfg.seed, cfg.split,
         train_samples=cfg.train_iters * gb, valid_samples=max(1, cfg.eval_iters) * gb,
-        cache_path=cfg.data_cache_path, needs_data=first or last)
+        cache_path=cfg.data_cache_path, needs_data=needs_data)
 
     model = build_gpt_stage(cfg, data.vocab_size)
     init_layout_independent(model, cfg)
@@ -125,7 +126,6 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.load:
         start_iter = ckpt.load(cfg, model, optimizer, scheduler)
     trainer = Trainer(cfg, model, optimizer, scheduler, num_microbatches)
-    needs_data = first or last
     train_it = train_iterator(data.train, cfg.micro_batch_size, dp_rank, dp, num_microbatches,
                               consumed_samples=start_iter * gb) if needs_data else None
     valid = (eval_microbatches(data.valid, cfg.micro_batch_size, dp_rank, dp, num_microbatches,

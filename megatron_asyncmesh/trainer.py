@@ -44,17 +44,16 @@ def forward_step(data_iterator: Optional[Iterator], model):
     batch = next(data_iterator) if data_iterator is not None else None
     first = parallel_state.is_pipeline_first_stage()
     last = parallel_state.is_pipeline_last_stage()
-    tokens = batch["tokens"] if first else None
-    position_ids = batch["position_ids"] if first else None
-    labels = batch["labels"] if last else None
-    if torch.cuda.is_available():
-        tokens = tokens.cuda(non_blocking=True) if tokens is not None else None
-        position_ids = position_ids.cuda(non_blocking=True) if position_ids is not None else None
-        labels = labels.cuda(non_blocking=True) if labels is not None else None
-    output = model(tokens, position_ids, None, labels=labels)
-    loss_mask = batch["loss_mask"] if last else None
-    if loss_mask is not None and torch.cuda.is_available():
-        loss_mask = loss_mask.cuda(non_blocking=True)
+
+    def field(name: str, wanted: bool):
+        if not wanted:
+            return None
+        value = batch[name]
+        return value.cuda(non_blocking=True) if torch.cuda.is_available() else value
+
+    output = model(field("tokens", first), field("position_ids", first), None,
+                   labels=field("labels", last))
+    loss_mask = field("loss_mask", last)
     return output, partial(loss_func, loss_mask)
 
 
