@@ -31,11 +31,11 @@ def main(argv=None) -> int:
     args, train_args = parser.parse_known_args(argv)
 
     from megatron_asyncmesh.data.preprocess import ensure_bundled, tokenizer_path_for
+    from megatron_asyncmesh.distributed import free_port
 
     t0 = time.time()
     prefix = ensure_bundled(log=lambda msg: print(f"[demo] {msg}", flush=True))
     run_dir = args.run_dir or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
-    from megatron_asyncmesh.distributed import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),

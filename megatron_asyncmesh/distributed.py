@@ -81,7 +81,8 @@ def local_world_size() -> int:
     for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
                 "SLURM_NTASKS_PER_NODE"):
         if var in os.environ:
-            return int(os.environ[var])
+            # Slurm may write "8(x2)" (8 tasks on each of 2 nodes): take the count.
+            return int(os.environ[var].split("(")[0].split(",")[0])
     return dist.get_world_size() if dist.is_initialized() else 1
 
 

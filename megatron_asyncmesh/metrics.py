@@ -112,6 +112,16 @@ def _fmt(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
+def read_metrics(run_dir: str):
+    """metrics.jsonl -> (training records, evaluation records)."""
+    train, val = [], []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            (train if "loss" in rec else val).append(rec)
+    return train, val
+
+
 def plot_losses(run_dir: str) -> Optional[str]:
     """loss.png: training loss and validation loss against steps."""
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -122,14 +132,9 @@ def plot_losses(run_dir: str) -> Optional[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train, val = [], []
-    with open(path) as f:
-        for line in f:
-            rec = json.loads(line)
-            if "loss" in rec:
-                train.append((rec["step"], rec["loss"]))
-            elif "val_loss" in rec:
-                val.append((rec["step"], rec["val_loss"]))
+    train_recs, val_recs = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in train_recs]
+    val = [(r["step"], r["val_loss"]) for r in val_recs]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1)

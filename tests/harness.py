@@ -11,21 +11,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from typing import List, Optional, Sequence
 
+from megatron_asyncmesh.distributed import free_port
+from megatron_asyncmesh.metrics import read_metrics  # noqa: F401  (re-exported for tests)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 TINY = os.path.join(REPO, "launch", "configs", "tiny.yaml")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_for_ranks(extra: Optional[dict] = None) -> dict:
@@ -96,15 +92,6 @@ def train(run_dir: str, nproc: int = 1, args: Sequence[str] = (), launcher: str 
     target = ["-m", "megatron_asyncmesh.train", "--config", config, "--run-dir", run_dir,
               "--no-progress", *args]
     return launch(target, nproc=nproc, launcher=launcher, timeout=timeout, check=check)
-
-
-def read_metrics(run_dir: str):
-    train, val = [], []
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            (train if "loss" in rec else val).append(rec)
-    return train, val
 
 
 def read_summary(run_dir: str) -> dict:
