@@ -57,6 +57,14 @@ class TrainConfig:
     tensor_model_parallel_size: int = _f(1, "tensor parallel size (1 on CPU)", "parallel")
     use_distributed_optimizer: bool = _f(False, "shard optimizer state over DP (ZeRO-1)",
                                          "parallel")
+    pipeline_schedule: str = _f(
+        "flush", "flush = Megatron's synchronous 1F1B; 2bw = PipeDream-2BW (no flush, delay 1);"
+        " stash = PipeDream weight stashing (no flush, delay P-1-k)", "parallel",
+        ("flush", "2bw", "stash"))
+    decoder_first_pipeline_num_layers: Optional[int] = _f(
+        None, "layers on the first stage (uneven split, to balance the embedding)", "parallel")
+    decoder_last_pipeline_num_layers: Optional[int] = _f(
+        None, "layers on the last stage (uneven split, to balance the output layer)", "parallel")
 
     # --- batch -----------------------------------------------------------
     micro_batch_size: int = _f(4, "samples per microbatch", "batch")
@@ -126,13 +134,15 @@ class TrainConfig:
                 raise ConfigError(
                     f"--{_flag(name.name)} must be one of {list(choices)}, "
                     f"got {getattr(self, name.name)!r}.")
-        if self.num_layers % self.pipeline_model_parallel_size:
+        self._validate_split()
+        if (self.pipeline_schedule != "flush" and self.pipeline_model_parallel_size > 1
+                and not self.untie_embeddings_and_output_weights):
             raise ConfigError(
-                f"--num-layers {self.num_layers} is not divisible by "
-                f"--pipeline-model-parallel-size {self.pipeline_model_parallel_size}: every "
-                f"stage must hold the same number of layers. Pick a pipeline size that divides "
-                f"{self.num_layers} (e.g. "
-                f"{_divisors(self.num_layers)}) or change --num-layers.")
+                f"--pipeline-schedule {self.pipeline_schedule} with "
+                f"--pipeline-model-parallel-size {self.pipeline_model_parallel_size} needs "
+                f"--untie-embeddings-and-output-weights: tied embeddings live on the first "
+                f"and the last stage and would be all-reduced between them every step, which "
+                f"makes the pipeline synchronous again.")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
@@ -156,6 +166,31 @@ class TrainConfig:
         if self.save_interval is not None and self.save_interval < 1:
             raise ConfigError(f"--save-interval must be >= 1, got {self.save_interval}.")
 
+    def _validate_split(self) -> None:
+        P, L = self.pipeline_model_parallel_size, self.num_layers
+        first, last = self.decoder_first_pipeline_num_layers, self.decoder_last_pipeline_num_layers
+        for name, v in (("decoder-first-pipeline-num-layers", first),
+                        ("decoder-last-pipeline-num-layers", last)):
+            if v is not None and (v < 1 or P < 2):
+                raise ConfigError(f"--{name} {v}: needs a value >= 1 and "
+                                  f"--pipeline-model-parallel-size >= 2 (got {P}).")
+        if first is None and last is None:
+            if L % P:
+                raise ConfigError(
+                    f"--num-layers {L} is not divisible by --pipeline-model-parallel-size {P}: "
+                    f"every stage must hold the same number of layers. Pick a pipeline size "
+                    f"that divides {L} (e.g. {_divisors(L)}), change --num-layers, or set "
+                    f"--decoder-first/last-pipeline-num-layers for an uneven split.")
+            return
+        middle_stages = P - (first is not None) - (last is not None)
+        rest = L - (first or 0) - (last or 0)
+        if rest < 0 or (middle_stages == 0 and rest != 0) or (
+                middle_stages > 0 and (rest <= 0 or rest % middle_stages)):
+            raise ConfigError(
+                f"uneven split: {L} layers with first={first}, last={last} leaves {rest} "
+                f"layers for {middle_stages} other stage(s); they must divide evenly with at "
+                f"least one layer each.")
+
     def validate_world(self, world_size: int) -> int:
         """Check the layout against the world; return the data-parallel size."""
         pp = self.pipeline_model_parallel_size
@@ -176,6 +211,13 @@ class TrainConfig:
                 f"--micro-batch-size x DP = {self.micro_batch_size} x {dp} = {per_step}. "
                 f"Use a multiple of {per_step}, e.g. "
                 f"{max(per_step, self.global_batch_size // per_step * per_step)}.")
+        if self.pipeline_schedule != "flush":
+            from megatron_asyncmesh.pipeline.schedule import ScheduleError, check
+
+            try:
+                check(self.pipeline_schedule, pp, self.num_microbatches(dp))
+            except ScheduleError as exc:
+                raise ConfigError(str(exc)) from None
         return dp
 
     def num_microbatches(self, dp: int) -> int:

@@ -57,11 +57,16 @@ class RunWriter:
                                         value, step)
         if self._bar is not None:
             if "loss" in record:
-                self._bar.update(1)
+                self._bar.update(max(0, step - self._bar.n))
                 self._bar.set_postfix(loss=f"{record['loss']:.3f}",
                                       tok_s=f"{record['tokens_per_s']:.0f}")
             elif "val_loss" in record:
                 self._bar.write(f"step {step}: val_loss {record['val_loss']:.4f}")
+
+    def progress(self, step: int) -> None:
+        """Advance the bar for a step whose metrics are not reduced yet."""
+        if self._bar is not None:
+            self._bar.update(max(0, step - self._bar.n))
 
     def write_summary(self, summary: Dict[str, Any]) -> str:
         path = os.path.join(self.run_dir, "summary.json")

@@ -53,6 +53,8 @@ def transformer_config(cfg: TrainConfig):
         activation_func=torch.nn.functional.silu if cfg.swiglu else torch.nn.functional.gelu,
         add_bias_linear=not cfg.swiglu,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=cfg.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=cfg.decoder_last_pipeline_num_layers,
         tensor_model_parallel_size=1,
         pipeline_dtype=dtype,
         params_dtype=dtype,

@@ -84,7 +84,8 @@ def run(cfg: TrainConfig) -> dict:
         build_gpt_datasets, eval_microbatches, train_iterator)
     from megatron_asyncmesh.metrics import RunWriter, final_table, peak_rss_mb, plot_losses
     from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent, wrap_ddp
-    from megatron_asyncmesh.trainer import Trainer
+    from megatron_asyncmesh.pipeline.timeline import Timeline
+    from megatron_asyncmesh.trainer import Trainer, reduce_records
 
     t_start = time.time()
     launcher = mdist.init_distributed()
@@ -125,7 +126,17 @@ def run(cfg: TrainConfig) -> dict:
     start_iter = 0
     if cfg.load:
         start_iter = ckpt.load(cfg, model, optimizer, scheduler)
-    trainer = Trainer(cfg, model, optimizer, scheduler, num_microbatches)
+    asynchronous = cfg.pipeline_schedule != "flush"
+    schedule = None
+    if asynchronous:
+        # The one-line change to a Megatron loop: get_forward_backward_func()
+        # now returns the no-flush schedule; the optimizer steps stage-locally.
+        schedule = megatron_asyncmesh.patch(cfg.pipeline_schedule, train_iters=cfg.train_iters,
+                                            start_step=start_iter)
+        megatron_asyncmesh.make_optimizer_stage_local(optimizer)
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    timeline = Timeline(stage, rank).install()
+    trainer = Trainer(cfg, model, optimizer, scheduler, num_microbatches, schedule, timeline)
     train_it = train_iterator(data.train, cfg.micro_batch_size, dp_rank, dp, num_microbatches,
                               consumed_samples=start_iter * gb) if needs_data else None
     valid = (eval_microbatches(data.valid, cfg.micro_batch_size, dp_rank, dp, num_microbatches,
@@ -146,31 +157,63 @@ def run(cfg: TrainConfig) -> dict:
             writer.log({"step": step, "val_loss": val,
                         "val_ppl": float(torch.exp(torch.tensor(min(val, 50.0))))})
 
+    pending = []
+    last_step = cfg.train_iters
+
+    def is_save_step(step: int) -> bool:
+        return bool(cfg.save and cfg.save_interval and step % cfg.save_interval == 0)
+
+    def flush_records() -> None:
+        # One all-reduce for all steps since the last flush (see reduce_records).
+        nonlocal pending
+        if not pending:
+            return
+        for rec in reduce_records(pending, dp if asynchronous else dist.get_world_size()):
+            if rec["step"] % cfg.log_interval == 0 or rec["step"] == last_step:
+                writer.log({"step": rec["step"], "loss": rec["loss"], "lr": rec["lr"],
+                            "grad_norm": rec["grad_norm"], "step_time_s": rec["step_time_s"],
+                            "tokens_per_s": tokens_per_step / rec["step_time_s"]})
+        stats_box[0] = pending[-1] | {"loss": rec["loss"]}
+        pending = []
+
+    stats_box = [None]
     try:
         if start_iter == 0:
             evaluate(0)
         for step in range(start_iter + 1, cfg.train_iters + 1):
+            evaluating = step % cfg.eval_interval == 0 and step != last_step
+            # The pipeline drains before evaluation, checkpoints and the end.
+            drain = step == last_step or evaluating or is_save_step(step)
             t0 = time.perf_counter()
-            stats = trainer.train_step(train_it)
+            record = trainer.train_step(train_it, drain=drain, step=step)
             dt = time.perf_counter() - t0
             if step > start_iter + 1:  # the first step includes one-off set-up work
                 train_time += dt
                 timed_steps += 1
-            if step % cfg.log_interval == 0 or step == cfg.train_iters:
-                writer.log({"step": step, "loss": stats["loss"], "lr": stats["lr"],
-                            "grad_norm": stats["grad_norm"], "step_time_s": dt,
-                            "tokens_per_s": tokens_per_step / dt})
-            if step % cfg.eval_interval == 0 and step != cfg.train_iters:
+            pending.append(record | {"step": step, "step_time_s": dt})
+            if drain or (not asynchronous and step % cfg.log_interval == 0):
+                flush_records()
+            elif writer.enabled:
+                writer.progress(step)
+            if evaluating:
                 evaluate(step)
-            if cfg.save and cfg.save_interval and step % cfg.save_interval == 0:
+            if is_save_step(step):
                 ckpt.save(cfg, model, optimizer, scheduler, step)
+        flush_records()
+        stats = stats_box[0]
         if not val_history or val_history[-1]["step"] != cfg.train_iters:
             evaluate(cfg.train_iters)
         if cfg.save and (not cfg.save_interval or cfg.train_iters % cfg.save_interval):
             ckpt.save(cfg, model, optimizer, scheduler, cfg.train_iters)
     finally:
         writer.close()
+        timeline.uninstall()
+        if asynchronous:
+            from megatron_asyncmesh.pipeline.patch import unpatch
 
+            unpatch()
+
+    pipeline = pipeline_report(cfg, timeline, schedule, rank)
     rss = [None] * dist.get_world_size()
     dist.all_gather_object(rss, round(peak_rss_mb(), 1))
     summary = {
@@ -183,6 +226,10 @@ def run(cfg: TrainConfig) -> dict:
         "pipeline_model_parallel_size": cfg.pipeline_model_parallel_size,
         "data_parallel_size": dp,
         "num_microbatches": num_microbatches,
+        "pipeline_schedule": cfg.pipeline_schedule,
+        "stage_utilization": pipeline["stage_utilization"],
+        "stage_delay": pipeline["stage_delay"],
+        "pipeline": pipeline["per_rank"],
         "world_size": dist.get_world_size(),
         "launcher": launcher,
         "threads_per_rank": threads,
@@ -194,9 +241,57 @@ def run(cfg: TrainConfig) -> dict:
     if rank == 0:
         writer.write_summary(summary)
         plot_losses(cfg.run_dir)
+        plot_run_timeline(cfg.run_dir, pipeline["windows"], cfg)
         print(final_table(summary), flush=True)
     mdist.shutdown()
     return summary
+
+
+def pipeline_report(cfg: TrainConfig, timeline, schedule, rank: int) -> dict:
+    """Gather every rank's timeline summary: per-stage utilization (mean over
+    the stage's data-parallel replicas) and measured gradient delay; each rank
+    writes its full timeline to ``<run_dir>/timeline/rank<r>.json``."""
+    import torch.distributed as dist
+
+    os.makedirs(os.path.join(cfg.run_dir, "timeline"), exist_ok=True)
+    stats = schedule.stats() if schedule is not None else {
+        "mode": "flush", "delay_mean": 0.0, "delay_max": 0}
+    util = timeline.steady_utilization()
+    timeline.save(os.path.join(cfg.run_dir, "timeline", f"rank{rank}.json"),
+                  {"stats": stats, "steady_utilization": util})
+    steps = [s["step"] for s in timeline.steps]
+    lo = min(steps[1:] or steps or [0])
+    window = timeline.window(lo, lo + 2)
+    mine = {"rank": rank, "stage": timeline.stage, "steady_utilization": util, **stats}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (mine, window))
+    per_rank = [g[0] for g in gathered]
+    by_stage: dict = {}
+    for r in per_rank:
+        by_stage.setdefault(r["stage"], []).append(r)
+    utilization, delay = {}, {}
+    for stage, rows in sorted(by_stage.items()):
+        vals = [r["steady_utilization"] for r in rows if r["steady_utilization"] is not None]
+        utilization[str(stage)] = sum(vals) / len(vals) if vals else None
+        delay[str(stage)] = {"mean": rows[0]["delay_mean"], "max": rows[0]["delay_max"]}
+    return {"stage_utilization": utilization, "stage_delay": delay, "per_rank": per_rank,
+            "windows": [g[1] for g in gathered]}
+
+
+def plot_run_timeline(run_dir: str, windows, cfg: TrainConfig) -> None:
+    """timeline.png: three steady steps of every rank (data-parallel replica 0
+    of each stage), forward/backward/optimizer step/p2p wait."""
+    from megatron_asyncmesh.pipeline.simulate import plot_timeline
+
+    seen, rows = set(), []
+    for window in windows:
+        if window and window[0]["stage"] not in seen:
+            seen.add(window[0]["stage"])
+            rows += window
+    if rows:
+        plot_timeline(rows, os.path.join(run_dir, "timeline.png"),
+                      f"{cfg.pipeline_schedule}: P={cfg.pipeline_model_parallel_size}, "
+                      f"measured", cfg.pipeline_model_parallel_size, "s")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

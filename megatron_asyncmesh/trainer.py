@@ -8,8 +8,10 @@ Megatron's optimizer step and ``OptimizerParamScheduler``.
 
 from __future__ import annotations
 
+import math
+import time
 from functools import partial
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -57,22 +59,53 @@ def forward_step(data_iterator: Optional[Iterator], model):
     return output, partial(loss_func, loss_mask)
 
 
-def global_mean_loss(losses_reduced: List[dict]) -> float:
-    """Token-weighted mean loss over all microbatches and replicas.
+def local_loss(losses_reduced: List[dict]) -> Tuple[float, float]:
+    """(sum of token losses, token count) of this rank's microbatches; only
+    last-stage ranks have any."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for item in losses_reduced:
+        total += item["lm loss"].detach().to(device="cpu", dtype=torch.float64)
+    return float(total[0]), float(total[1])
 
-    Only last-stage ranks hold losses; one all-reduce over the world gives
-    every rank the same number (a synchronisation point: logging only).
+
+def global_mean_loss(losses_reduced: List[dict]) -> float:
+    """Token-weighted mean loss over all microbatches and replicas (one
+    all-reduce over the world: a synchronisation point, used for evaluation)."""
+    return reduce_records([dict(zip(("loss_sum", "tokens"), local_loss(losses_reduced)),
+                                grad_norm_sq=0.0)], 1)[0]["loss"]
+
+
+def reduce_records(records: List[dict], norm_replicas: int) -> List[dict]:
+    """Global loss and gradient norm of several steps with ONE all-reduce.
+
+    Asynchronous stages finish a step at different wall times, so per-step
+    metrics are kept locally and reduced together only where the pipeline is
+    drained anyway (evaluation, checkpoint, end) or, for the synchronous
+    schedule, at the logging interval. ``grad_norm_sq`` is this rank's squared
+    norm; ranks holding the same norm are divided out by ``norm_replicas``.
     """
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for item in losses_reduced:
-        total += item["lm loss"].to(device=device, dtype=torch.float64)
-    dist.all_reduce(total)
-    return (total[0] / total[1].clamp(min=1)).item()
+    packed = torch.tensor([[r["loss_sum"], r["tokens"], r["grad_norm_sq"]] for r in records],
+                          dtype=torch.float64, device=device).view(-1, 3)
+    dist.all_reduce(packed)
+    out = []
+    for rec, (loss_sum, tokens, norm_sq) in zip(records, packed.tolist()):
+        out.append({**rec, "loss": loss_sum / max(tokens, 1.0),
+                    "grad_norm": math.sqrt(max(norm_sq, 0.0) / norm_replicas)})
+    return out
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model, optimizer, scheduler, num_microbatches: int):
+    """One optimizer step per call, on Megatron's schedule or the asynchronous one.
+
+    With ``schedule`` (an ``AsyncPipelineSchedule`` installed by
+    ``megatron_asyncmesh.patch``) the loop is unchanged except for
+    ``drain=True`` before evaluation / checkpoints, and the optimizer has
+    stage-local gradient statistics (``make_optimizer_stage_local``).
+    """
+
+    def __init__(self, cfg: TrainConfig, model, optimizer, scheduler, num_microbatches: int,
+                 schedule=None, timeline=None):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.cfg = cfg
@@ -80,20 +113,43 @@ class Trainer:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.num_microbatches = num_microbatches
+        self.schedule = schedule
+        self.timeline = timeline
+        if schedule is not None:
+            schedule.timeline = timeline
         self.forward_backward = get_forward_backward_func()
+        self._first_step = True
 
-    def train_step(self, data_iterator: Optional[Iterator]) -> dict:
+    def train_step(self, data_iterator: Optional[Iterator], drain: bool = False,
+                   step: int = 0) -> dict:
+        """Run one step; return this rank's local record (see reduce_records)."""
+        if self.schedule is not None and drain:
+            self.schedule.request_drain()
+        t_start = time.time()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self.forward_backward(
             forward_step_func=forward_step, data_iterator=data_iterator, model=[self.model],
             num_microbatches=self.num_microbatches, seq_length=self.cfg.seq_length,
             micro_batch_size=self.cfg.micro_batch_size, forward_only=False)
+        t_opt = time.time()
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise FloatingPointError("optimizer step skipped: gradients contain inf/nan.")
         self.scheduler.step(increment=self.cfg.global_batch_size)
-        return {"loss": global_mean_loss(losses), "grad_norm": float(grad_norm or 0.0),
+        t_end = time.time()
+        if self.timeline is not None:
+            self.timeline.add("STEP", t_opt, t_end)
+            if self.schedule is not None:
+                first, last = self.schedule.last_call
+                steady = not (first or last or self._first_step)
+            else:
+                steady = not self._first_step
+            self.timeline.add_step(step, t_start, t_end, steady)
+        self._first_step = False
+        loss_sum, tokens = local_loss(losses)
+        return {"loss_sum": loss_sum, "tokens": tokens,
+                "grad_norm_sq": float(grad_norm or 0.0) ** 2,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
     @torch.no_grad()
