@@ -91,7 +91,7 @@ class AsyncPipelineSchedule:
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
         from megatron.core.pipeline_parallel.schedules import _build_default_pg_collection
-        from megatron.core.utils import get_attr_wrapped_model, get_model_config
+        from megatron.core.utils import get_model_config
 
         config = get_model_config(model)
         if config.calculate_per_token_loss and self.mode in ASYNC_MODES:
@@ -108,9 +108,10 @@ class AsyncPipelineSchedule:
         self.first, self.last = self.comm.is_pp_first_stage, self.comm.is_pp_last_stage
         check(self.mode, self.P, num_microbatches, self.stage)
         if self.mode in ASYNC_MODES and self.P > 1:
-            tied = get_attr_wrapped_model(model, "share_embeddings_and_output_weights",
-                                          allow_none=True, return_model_obj=False)
-            if tied:
+            inner = model
+            while hasattr(inner, "module"):
+                inner = inner.module
+            if getattr(inner, "share_embeddings_and_output_weights", False):
                 raise ScheduleError(
                     "the input embedding and the output layer are tied across the first and "
                     "last pipeline stages; their gradients would be all-reduced between two "
