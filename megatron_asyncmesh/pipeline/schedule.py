@@ -130,10 +130,11 @@ def check(mode: str, P: int, M: int, stage: Optional[int] = None) -> None:
 
 
 def compute_order(mode: str, P: int, stage: int, M: int, first_step: int,
-                  num_steps: int) -> Iterator[Tuple[str, int, str]]:
+                  num_steps: int) -> Iterator[Tuple[str, int, Tuple[str, int]]]:
     """The compute stream (kind, index, phase) of one segment, no comms.
 
-    kind is "F", "B" or "STEP"; phase is "warmup", "steady" or "cooldown".
+    kind is "F", "B" or "STEP"; phase is ("warmup" | "steady" | "cooldown",
+    first microbatch of the 1F1B block).
     flush: per step, warm-up forwards, steady 1F1B, cool-down backwards.
     no-flush: the same three phases once over the whole segment; the optimizer
     step of t follows the backward of microbatch (t + 1) M - 1.
@@ -147,18 +148,20 @@ def compute_order(mode: str, P: int, stage: int, M: int, first_step: int,
 
 
 def _one_f_one_b(first: int, n: int, warmup: int, M: int):
+    # Phases carry the block's first microbatch: communication is only folded
+    # (send + receive in one call) between actions of the same 1F1B block.
     warmup = min(warmup, n)
     for j in range(first, first + warmup):
-        yield "F", j, "warmup"
+        yield "F", j, ("warmup", first)
     for i in range(n - warmup):
-        yield "F", first + warmup + i, "steady"
-        yield "B", first + i, "steady"
+        yield "F", first + warmup + i, ("steady", first)
+        yield "B", first + i, ("steady", first)
         if (first + i + 1) % M == 0:
-            yield "STEP", (first + i) // M, "steady"
+            yield "STEP", (first + i) // M, ("steady", first)
     for j in range(first + n - warmup, first + n):
-        yield "B", j, "cooldown"
+        yield "B", j, ("cooldown", first)
         if (j + 1) % M == 0:
-            yield "STEP", j // M, "cooldown"
+            yield "STEP", j // M, ("cooldown", first)
 
 
 def build_schedule(mode: str, P: int, stage: int, M: int, first_step: int = 0,
@@ -203,22 +206,23 @@ def build_schedule(mode: str, P: int, stage: int, M: int, first_step: int = 0,
         nxt = compute_only[pos + 1] if pos + 1 < len(compute_only) else None
         prev = compute_only[pos - 1] if pos > 0 else None
         pos += 1
-        if phase == "warmup":                       # recv_forward; F; send_forward
+        steady = ("steady", phase[1])
+        if phase[0] == "warmup":                       # recv_forward; F; send_forward
             comm((RECV_F, j))
             compute("F", j)
             comm((SEND_F, j))
-        elif phase == "cooldown":                   # recv_backward; B; send_backward
+        elif phase[0] == "cooldown":                   # recv_backward; B; send_backward
             comm((RECV_B, j))
             compute("B", j)
             comm((SEND_B, j))
         elif kind == "F":
-            if prev is None or prev[2] != "steady":  # recv_forward before the steady state
+            if prev is None or prev[2] != steady:  # recv_forward before the steady state
                 comm((RECV_F, j))
             compute("F", j)
             comm((SEND_F, j), (RECV_B, nxt[1]))     # send_forward_recv_backward
         else:
             compute("B", j)
-            if nxt is not None and nxt[2] == "steady":
+            if nxt is not None and nxt[2] == steady:
                 comm((SEND_B, j), (RECV_F, nxt[1]))  # send_backward_recv_forward
             else:
                 comm((SEND_B, j))                   # last steady iteration
