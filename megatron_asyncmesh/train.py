@@ -221,6 +221,8 @@ def run(cfg: TrainConfig) -> dict:
         "final_train_loss": stats["loss"] if stats else None,
         "val_loss_history": val_history,
         "tokens_per_s": tokens_per_step * timed_steps / train_time if train_time else None,
+        # Steps that are neither the first, nor a pipeline warm-up or drain.
+        "steady_tokens_per_s": steady_throughput(timeline, tokens_per_step),
         "train_iters": cfg.train_iters,
         "peak_rss_mb": rss,
         "pipeline_model_parallel_size": cfg.pipeline_model_parallel_size,
@@ -245,6 +247,11 @@ def run(cfg: TrainConfig) -> dict:
         print(final_table(summary), flush=True)
     mdist.shutdown()
     return summary
+
+
+def steady_throughput(timeline, tokens_per_step: int) -> Optional[float]:
+    spans = [s["end"] - s["start"] for s in timeline.steps if s["steady"]]
+    return tokens_per_step * len(spans) / sum(spans) if spans and sum(spans) > 0 else None
 
 
 def pipeline_report(cfg: TrainConfig, timeline, schedule, rank: int) -> dict:

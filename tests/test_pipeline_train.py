@@ -57,11 +57,11 @@ def test_flush_run_records_megatron_timeline(tmp_path, data_args):
     (["--pipeline-schedule", "2bw"], "--untie-embeddings-and-output-weights"),
     (["--pipeline-schedule", "2bw", "--untie-embeddings-and-output-weights",
       "--global-batch-size", "2", "--micro-batch-size", "2"], "M >= P"),
-    (["--pipeline-schedule", "sync"], "must be one of"),
+    (["--pipeline-schedule", "sync"], "invalid choice: 'sync'"),
 ], ids=["tied", "too-few-microbatches", "unknown-mode"])
 def test_bad_schedule_arguments(tmp_path, data_args, args, message):
     res = train(str(tmp_path), 2, [*data_args, *STEPS, "--pipeline-model-parallel-size", "2",
                                    *args], check=False)
     assert res.returncode != 0
     assert message in res.output
-    assert "error: " in res.output
+    assert "error: " in res.output or "error:" in res.output

@@ -7,7 +7,9 @@ bundled corpus, a GPT of 12 layers x 256 split 7/5 so the stages balance
 {2, 4, 8}, ``flush`` (Megatron's own 1F1B: ``--pipeline-schedule flush``
 calls Megatron's function unmodified), ``2bw`` and ``stash`` are run
 interleaved (mode order rotates every round) so machine noise hits all
-alike; tokens/s exclude the first step. Reported side by side with the
+alike. tokens/s are steady-state (rank 0's steps that are not the first of
+the run nor a pipeline warm-up or drain: the no-flush pipeline drains only
+at the end of training); whole-run tokens/s are in results.json. Reported side by side with the
 theoretical ratio (M + P - 1) / M, per-stage steady utilization and
 measured gradient delay, and peak RSS per stage.
 
@@ -64,7 +66,8 @@ def run_one(out_dir: str, mode: str, M: int, steps: int, tag: str) -> dict:
     with open(os.path.join(run_dir, "summary.json")) as f:
         s = json.load(f)
     f_ms, b_ms = compute_times(run_dir)
-    return {"mode": mode, "M": M, "tokens_per_s": s["tokens_per_s"],
+    return {"mode": mode, "M": M, "tokens_per_s": s["steady_tokens_per_s"],
+            "run_tokens_per_s": s["tokens_per_s"],
             "stage_utilization": s["stage_utilization"], "stage_delay": s["stage_delay"],
             "peak_rss_mb": s["peak_rss_mb"], "forward_ms": f_ms, "backward_ms": b_ms,
             "wall_s": time.time() - t0, "run_dir": run_dir}
@@ -131,7 +134,7 @@ def markdown(measured, projections, out_dir) -> str:
                 f"{a['util'][0]:.3f} / {a['util'][1]:.3f} | "
                 f"{a['delay'][0]:.2f} / {a['delay'][1]:.2f} | "
                 f"{a['rss'][0]:.0f} / {a['rss'][1]:.0f} |")
-    lines += ["", "tokens/s: mean over rounds (interleaved); utilization: busy (forward, "
+    lines += ["", "tokens/s: steady state, mean over rounds (interleaved); utilization: busy (forward, "
               "backward, optimizer step) / wall time of steps that are not warm-up, drain or "
               "the first step.", "",
               "# Simulator projections (measured per-microbatch times, uniform stages)", "",
