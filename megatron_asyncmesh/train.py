@@ -165,7 +165,7 @@ def run(cfg: TrainConfig) -> dict:
 
     def flush_records() -> None:
         # One all-reduce for all steps since the last flush (see reduce_records).
-        nonlocal pending
+        nonlocal pending, stats
         if not pending:
             return
         for rec in reduce_records(pending, dp if asynchronous else dist.get_world_size()):
@@ -173,10 +173,9 @@ def run(cfg: TrainConfig) -> dict:
                 writer.log({"step": rec["step"], "loss": rec["loss"], "lr": rec["lr"],
                             "grad_norm": rec["grad_norm"], "step_time_s": rec["step_time_s"],
                             "tokens_per_s": tokens_per_step / rec["step_time_s"]})
-        stats_box[0] = pending[-1] | {"loss": rec["loss"]}
+        stats = rec
         pending = []
 
-    stats_box = [None]
     try:
         if start_iter == 0:
             evaluate(0)
@@ -200,7 +199,6 @@ def run(cfg: TrainConfig) -> dict:
             if is_save_step(step):
                 ckpt.save(cfg, model, optimizer, scheduler, step)
         flush_records()
-        stats = stats_box[0]
         if not val_history or val_history[-1]["step"] != cfg.train_iters:
             evaluate(cfg.train_iters)
         if cfg.save and (not cfg.save_interval or cfg.train_iters % cfg.save_interval):

@@ -68,6 +68,14 @@ class AsyncPipelineSchedule:
         self.peak_in_flight = 0
         self._setup_done = False
         self._forwarded = -1               # highest microbatch forwarded so far
+        # In-flight state kept across calls, keyed by global microbatch id:
+        # received activations, stage outputs, received output gradients,
+        # input gradients to send back, and the weight version each one used.
+        self._inputs: Dict[int, torch.Tensor] = {}
+        self._outputs: Dict[int, torch.Tensor] = {}
+        self._out_grads: Dict[int, torch.Tensor] = {}
+        self._in_grads: Dict[int, torch.Tensor] = {}
+        self._versions: Dict[int, int] = {}
         self._megatron = None
 
     # -- control -------------------------------------------------------------
@@ -200,11 +208,8 @@ class AsyncPipelineSchedule:
              collect_non_loss_data, force_all_reduce):
         config, store, tl = self.config, self.store, self.timeline
         M = self.num_microbatches
-        inputs: Dict[int, torch.Tensor] = self.__dict__.setdefault("_inputs", {})
-        outputs: Dict[int, torch.Tensor] = self.__dict__.setdefault("_outputs", {})
-        out_grads: Dict[int, torch.Tensor] = self.__dict__.setdefault("_out_grads", {})
-        in_grads: Dict[int, torch.Tensor] = self.__dict__.setdefault("_in_grads", {})
-        versions: Dict[int, int] = self.__dict__.setdefault("_versions", {})
+        inputs, outputs, versions = self._inputs, self._outputs, self._versions
+        out_grads, in_grads = self._out_grads, self._in_grads
         forward_data_store: List = []
         last_backward = max(a.microbatch for a in actions if a.kind == "B")
         no_sync = (config.no_sync_func or contextlib.nullcontext)()
