@@ -28,14 +28,20 @@ def _iter_dir(root: str, iteration: int) -> str:
 
 
 def _state(model, optimizer, scheduler, iteration: int, is_loading: bool) -> dict:
+    from megatron_asyncmesh.optim.soap import factor_sharded_state
+
     # The unwrapped GPTModel: its keys are the model's own (no DDP "module." prefix).
     model_sd = model.module.sharded_state_dict()
-    return {
+    state = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
         "opt_param_scheduler": scheduler.state_dict(),
         "iteration": iteration,
     }
+    factors = factor_sharded_state(optimizer, model_sd)
+    if factors:                    # SOAP's Kronecker factors: not parameter-shaped
+        state["optimizer_soap_factors"] = factors
+    return state
 
 
 def save(cfg: TrainConfig, model, optimizer, scheduler, iteration: int) -> str:
@@ -77,5 +83,10 @@ def load(cfg: TrainConfig, model, optimizer, scheduler) -> int:
     state = dist_checkpointing.load(_state(model, optimizer, scheduler, iteration, True), path)
     model.module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if "optimizer_soap_factors" in state:
+        from megatron_asyncmesh.optim.soap import load_factor_state
+
+        load_factor_state(optimizer, model.module.sharded_state_dict(),
+                          state["optimizer_soap_factors"])
     scheduler.load_state_dict(state["opt_param_scheduler"])
     return int(state["iteration"])

@@ -71,7 +71,39 @@ class TrainConfig:
     global_batch_size: int = _f(16, "samples per optimizer step over all replicas", "batch")
 
     # --- optimizer and schedule -------------------------------------------
-    optimizer: str = _f("adam", "optimizer (Megatron's AdamW or SGD)", "optim", ("adam", "sgd"))
+    optimizer: str = _f(
+        "adam", "adam / sgd: Megatron's own; nadamw: asynchronous Nesterov (NAdam, decoupled "
+        "WD); muon: emerging-optimizers' Muon (AdamW for non-matrices); soap: SOAP with a "
+        "stage-aware basis refresh", "optim", ("adam", "sgd", "nadamw", "muon", "soap"))
+    use_layer_wise_distributed_optimizer: bool = _f(
+        False, "shard optimizer state over DP by whole tensors (Megatron's "
+        "LayerWiseDistributedOptimizer; the way to shard muon / soap / nadamw)", "optim")
+    nadamw_beta1: float = _f(0.99, "nadamw beta1 (the paper's 0.99)", "optim")
+    nadamw_beta2: float = _f(0.999, "nadamw beta2", "optim")
+    nadamw_momentum_decay: float = _f(0.004, "NAdam momentum decay (psi)", "optim")
+    nadamw_stage_aware: bool = _f(
+        False, "the paper's no-stash rule: beta1 0.99 at the first stage down to 0.9 at the "
+        "last, lr from 0.5x at the first stage up to 1x at the last", "optim")
+    muon_momentum: float = _f(0.95, "Muon momentum", "optim")
+    muon_nesterov: bool = _f(True, "Nesterov form of Muon's momentum", "optim")
+    muon_extra_scale_factor: float = _f(
+        0.2, "Muon update scale on top of the spectral sqrt(max(m, n)): 0.2 matches AdamW's "
+        "update RMS (Moonlight), so one --lr serves Muon and its AdamW part", "optim")
+    muon_split_qkv: bool = _f(
+        True, "orthogonalize Q, K and V blocks of the fused QKV weight separately "
+        "(Megatron's default)", "optim")
+    soap_precondition_frequency: int = _f(
+        10, "SOAP eigenbasis refresh period (steps) of a delay-free stage", "optim")
+    soap_stage_aware: bool = _f(
+        True, "refresh the basis every ceil(f / (1 + stage delay)) steps: staler stages "
+        "more often", "optim")
+    soap_shampoo_beta: float = _f(0.95, "SOAP Kronecker-factor EMA", "optim")
+    delay_error_feedback: float = _f(
+        0.0, "error feedback for delayed updates: W += u_t + alpha (u_t - u_(t-1)), alpha "
+        "scaled by the stage's delay (0 = off)", "optim")
+    pipemare_anneal_iters: int = _f(
+        0, "PipeMare lr correction lr / tau^(1 - t/T) over T steps, tau = 1 + stage delay "
+        "(0 = off)", "optim")
     lr: float = _f(1e-3, "peak learning rate", "optim")
     min_lr: float = _f(1e-4, "final learning rate of the decay", "optim")
     lr_warmup_iters: int = _f(20, "linear warm-up iterations", "optim")
@@ -143,6 +175,24 @@ class TrainConfig:
                 f"--untie-embeddings-and-output-weights: tied embeddings live on the first "
                 f"and the last stage and would be all-reduced between them every step, which "
                 f"makes the pipeline synchronous again.")
+        from megatron_asyncmesh.optim import OptimizerChoiceError, check_choice
+        try:
+            check_choice(self.optimizer, self.use_distributed_optimizer,
+                         self.use_layer_wise_distributed_optimizer, self.pipeline_schedule)
+        except OptimizerChoiceError as exc:
+            raise ConfigError(str(exc)) from None
+        if not 0.0 <= self.delay_error_feedback <= 1.0:
+            raise ConfigError(
+                f"--delay-error-feedback must be in [0, 1] (0 = off, 1 = full extrapolation), "
+                f"got {self.delay_error_feedback}.")
+        if self.pipemare_anneal_iters < 0:
+            raise ConfigError(
+                f"--pipemare-anneal-iters must be >= 0 (0 = off), got "
+                f"{self.pipemare_anneal_iters}.")
+        if self.soap_precondition_frequency < 1:
+            raise ConfigError(
+                f"--soap-precondition-frequency must be >= 1, got "
+                f"{self.soap_precondition_frequency}.")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "

@@ -289,6 +289,37 @@ def _patch_tensors_and_modules() -> None:
     _set(torch.nn.Module, "cuda", lambda self, *a, **k: self, "torch.nn.Module.cuda")
 
 
+def _uneven_all_gather(original: Callable) -> Callable:
+    """gloo's allgather needs equal sizes; NCCL's (and Megatron's layer-wise optimizer,
+    which gathers each rank's whole tensors) does not. Uneven lists are gathered
+    padded to the largest and cut back; everything else goes to torch unchanged."""
+
+    @functools.wraps(original)
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        sizes = {t.numel() for t in tensor_list}
+        if len(sizes) <= 1 or async_op:
+            return original(tensor_list, tensor, group=group, async_op=async_op)
+        n = max(sizes)
+        padded = [torch.empty(n, dtype=tensor.dtype) for _ in tensor_list]
+        src = torch.zeros(n, dtype=tensor.dtype)
+        src[:tensor.numel()] = tensor.reshape(-1)
+        original(padded, src, group=group)
+        for out, got in zip(tensor_list, padded):
+            out.copy_(got[:out.numel()].view_as(out))
+        return None
+
+    all_gather.__asyncmesh_wrapped__ = True
+    return all_gather
+
+
+def _patch_distributed() -> None:
+    import torch.distributed as dist
+
+    if not hasattr(dist.all_gather, "__asyncmesh_wrapped__"):
+        _set(dist, "all_gather", _uneven_all_gather(dist.all_gather),
+             "torch.distributed.all_gather (uneven sizes on gloo)")
+
+
 def _patch_imported_megatron() -> None:
     """Rebind CUDA helpers that Megatron modules imported by name already."""
     random_mod = sys.modules.get("megatron.core.tensor_parallel.random")
@@ -317,6 +348,7 @@ def activate() -> bool:
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     _patch_torch_cuda()
     _patch_tensors_and_modules()
+    _patch_distributed()
     _patch_imported_megatron()
     _ACTIVE = True
     return True

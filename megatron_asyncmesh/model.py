@@ -97,6 +97,12 @@ def build_gpt_stage(cfg: TrainConfig, vocab_size: int):
         share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
         position_embedding_type=cfg.position_embedding_type,
     )
+    # Megatron tags the word embedding and the output layer; the learned position
+    # embedding is a lookup table too, so matrix-wise optimizers (Muon, SOAP) and the
+    # layer-wise sharding route it with them (to AdamW), as Muon prescribes.
+    position = getattr(getattr(model, "embedding", None), "position_embeddings", None)
+    if position is not None:
+        position.weight.is_embedding_or_output_parameter = True
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -75,11 +75,11 @@ def run(cfg: TrainConfig) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from megatron_asyncmesh import checkpoint as ckpt
     from megatron_asyncmesh import distributed as mdist
+    from megatron_asyncmesh import optim
     from megatron_asyncmesh.data.datasets import (
         build_gpt_datasets, eval_microbatches, train_iterator)
     from megatron_asyncmesh.metrics import RunWriter, final_table, peak_rss_mb, plot_losses
@@ -110,31 +110,31 @@ def run(cfg: TrainConfig) -> dict:
     model = wrap_ddp(cfg, model)
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = model.no_sync
-    optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer=cfg.optimizer, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-        sgd_momentum=cfg.sgd_momentum, clip_grad=cfg.clip_grad, bf16=cfg.bf16,
-        params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-        use_distributed_optimizer=cfg.use_distributed_optimizer), [model])
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    optimizer, opt_info = optim.build_optimizer(
+        cfg, model, stage, cfg.pipeline_model_parallel_size, num_microbatches)
+    asynchronous = cfg.pipeline_schedule != "flush"
+    if asynchronous:
+        # Grad-norm / inf checks stay inside the stage: no collective across stages.
+        megatron_asyncmesh.make_optimizer_stage_local(optimizer)
+    optimizer = optim.wrap_error_feedback(optimizer, model, cfg, opt_info)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
         lr_warmup_steps=cfg.lr_warmup_iters * gb,
         lr_decay_steps=(cfg.lr_decay_iters or cfg.train_iters) * gb,
         lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
         wd_incr_steps=cfg.train_iters * gb, wd_incr_style="constant")
+    scheduler = optim.wrap_scheduler(scheduler, optimizer, cfg, opt_info)
 
     start_iter = 0
     if cfg.load:
         start_iter = ckpt.load(cfg, model, optimizer, scheduler)
-    asynchronous = cfg.pipeline_schedule != "flush"
     schedule = None
     if asynchronous:
         # The one-line change to a Megatron loop: get_forward_backward_func()
-        # now returns the no-flush schedule; the optimizer steps stage-locally.
+        # now returns the no-flush schedule.
         schedule = megatron_asyncmesh.patch(cfg.pipeline_schedule, train_iters=cfg.train_iters,
                                             start_step=start_iter)
-        megatron_asyncmesh.make_optimizer_stage_local(optimizer)
-    stage = parallel_state.get_pipeline_model_parallel_rank()
     timeline = Timeline(stage, rank).install()
     trainer = Trainer(cfg, model, optimizer, scheduler, num_microbatches, schedule, timeline)
     train_it = train_iterator(data.train, cfg.micro_batch_size, dp_rank, dp, num_microbatches,
@@ -214,6 +214,8 @@ def run(cfg: TrainConfig) -> dict:
     pipeline = pipeline_report(cfg, timeline, schedule, rank)
     rss = [None] * dist.get_world_size()
     dist.all_gather_object(rss, round(peak_rss_mb(), 1))
+    stage_opts = [None] * dist.get_world_size()
+    dist.all_gather_object(stage_opts, opt_info.as_dict())
     summary = {
         "final_val_loss": val_history[-1]["val_loss"] if val_history else None,
         "final_train_loss": stats["loss"] if stats else None,
@@ -229,6 +231,9 @@ def run(cfg: TrainConfig) -> dict:
         "pipeline_schedule": cfg.pipeline_schedule,
         "stage_utilization": pipeline["stage_utilization"],
         "stage_delay": pipeline["stage_delay"],
+        "optimizer": cfg.optimizer,
+        # Per stage: the delay the optimizer was told and what it derived from it.
+        "stage_optimizer": {str(o["stage"]): o for o in stage_opts},
         "pipeline": pipeline["per_rank"],
         "world_size": dist.get_world_size(),
         "launcher": launcher,
@@ -306,6 +311,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, DatasetError) as exc:
         if _is_rank0():
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        else:
+            # Every rank finds the same error; the launcher kills the others as soon as one
+            # exits, so give rank 0 time to print it before this rank's exit ends the job.
+            time.sleep(3.0)
         return 2
     return 0
 

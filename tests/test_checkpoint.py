@@ -10,11 +10,21 @@ COMMON = ["--train-iters", "8", "--lr-warmup-iters", "2", "--eval-interval", "10
           "--eval-iters", "1", "--pipeline-model-parallel-size", "2"]
 
 
-def test_resume_matches_straight_run(tmp_path, data_args):
+@pytest.mark.parametrize("opt_args", [
+    [],
+    ["--optimizer", "nadamw"],
+    ["--optimizer", "muon"],
+    ["--optimizer", "soap", "--soap-precondition-frequency", "3"],
+], ids=["adam", "nadamw", "muon", "soap"])
+def test_resume_matches_straight_run(tmp_path, data_args, opt_args):
+    """Optimizer state (NAdam's mu_product, Muon's momentum, SOAP's factors / basis /
+    refresh phase) goes through Megatron's
+    sharded_state_dict: resuming from step 4 gives the straight run's losses bitwise."""
     straight, first, second = (str(tmp_path / n) for n in ("straight", "first", "second"))
     ckpt = str(tmp_path / "ckpt")
-    train(straight, 2, [*data_args, *COMMON])
-    train(first, 2, [*data_args, *COMMON, "--save", ckpt, "--save-interval", "4"])
+    args = [*data_args, *COMMON, *opt_args]
+    train(straight, 2, args)
+    train(first, 2, [*args, "--save", ckpt, "--save-interval", "4"])
     assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "8"
     assert sorted(os.listdir(ckpt)) == ["iter_0000004", "iter_0000008",
                                         "latest_checkpointed_iteration.txt"]
@@ -26,7 +36,7 @@ def test_resume_matches_straight_run(tmp_path, data_args):
     shutil.copytree(os.path.join(ckpt, "iter_0000004"), os.path.join(resume, "iter_0000004"))
     with open(os.path.join(resume, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write("4")
-    train(second, 2, [*data_args, *COMMON, "--load", resume])
+    train(second, 2, [*args, "--load", resume])
     ref = {r["step"]: r["loss"] for r in read_metrics(straight)[0]}
     got = {r["step"]: r["loss"] for r in read_metrics(second)[0]}
     assert sorted(got) == [5, 6, 7, 8]

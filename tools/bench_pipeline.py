@@ -2,8 +2,11 @@
 """Benchmark the pipeline schedules: measured on this machine, projected by the simulator.
 
 Measured: PP = 2, one CPU thread per rank (each stage on its own core), the
-bundled corpus, a GPT of 12 layers x 256 split 7/5 so the stages balance
-(the last stage also runs the 4096-way output layer). For each M in
+bundled corpus, a GPT of 17 layers x 256 split 9/8 so the stages balance
+(the last stage also runs the 4096-way output layer and its cross entropy,
+measured at ~1.4 transformer layers: 9 vs 8 + 1.4 keeps the stages within
+~5 %; a 7/5 split of 12 layers left stage 0 9 % slower and stage 1 idle
+waiting for it). For each M in
 {2, 4, 8}, ``flush`` (Megatron's own 1F1B: ``--pipeline-schedule flush``
 calls Megatron's function unmodified), ``2bw`` and ``stash`` are run
 interleaved (mode order rotates every round) so machine noise hits all
@@ -39,11 +42,18 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-MODEL = ["--num-layers", "12", "--hidden-size", "256", "--num-attention-heads", "4",
+MODEL = ["--num-layers", "17", "--hidden-size", "256", "--num-attention-heads", "4",
          "--seq-length", "128", "--micro-batch-size", "2",
          "--untie-embeddings-and-output-weights",
-         "--decoder-first-pipeline-num-layers", "7", "--decoder-last-pipeline-num-layers", "5"]
+         "--decoder-first-pipeline-num-layers", "9", "--decoder-last-pipeline-num-layers", "8"]
 MODES = ("flush", "2bw", "stash")
+# glibc malloc keeps freed memory instead of unmapping every large tensor and page-faulting
+# it back on the next microbatch (the CPU analogue of a caching allocator; PyTorch's CPU
+# tuning guide recommends jemalloc/tcmalloc for the same reason). Without it, bursts of
+# page faults made single forwards 60 % slower at random and the ratios measured noise.
+# Set for every mode alike.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32),
+              "MALLOC_TOP_PAD_": str(1 << 29)}
 
 
 def run_one(out_dir: str, mode: str, M: int, steps: int, tag: str) -> dict:
@@ -58,7 +68,7 @@ def run_one(out_dir: str, mode: str, M: int, steps: int, tag: str) -> dict:
            "--eval-iters", "0", "--eval-interval", str(10 * steps), "--lr-warmup-iters", "1",
            "--pipeline-model-parallel-size", "2", "--pipeline-schedule", mode,
            "--num-threads", "1", "--run-dir", run_dir, "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **MALLOC_ENV)
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:

@@ -97,9 +97,17 @@ def make_optimizer_stage_local(optimizer) -> None:
     """
     from megatron.core import parallel_state
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
 
+    if isinstance(optimizer, LayerWiseDistributedOptimizer):
+        _layer_wise_stage_local(optimizer, parallel_state.get_tensor_and_data_parallel_group(
+            with_context_parallel=True))
+        return
     inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
     for opt in inner:
+        if isinstance(opt, LayerWiseDistributedOptimizer):
+            make_optimizer_stage_local(opt)
+            continue
         if isinstance(opt, DistributedOptimizer):
             group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
         else:
@@ -107,3 +115,49 @@ def make_optimizer_stage_local(optimizer) -> None:
         opt.grad_stats_parallel_group = group
         if hasattr(opt, "_has_grad_norm_group_cache"):
             opt._has_grad_norm_group_cache = None
+
+
+def _layer_wise_stage_local(optimizer, group) -> None:
+    """``LayerWiseDistributedOptimizer`` reduces its statistics over the whole world
+    (``group=None``), hard-coded in four methods. Each rank holds whole tensors of
+    its own stage, so the stage's tensor x data-parallel group holds all of the
+    stage's gradients: the same four reductions over that group, set on the
+    instance (the class is untouched)."""
+    import torch
+    from megatron.core.optimizer.clip_grads import count_zeros_fp32, get_grad_norm_fp32
+    from megatron.core.optimizer.optimizer import _get_param_grad_norm_group
+
+    def grads(name=None):
+        out = []
+        for opt in optimizer.chained_optimizers:
+            out += opt.get_grads_for_grad_norm(name) if name else opt.get_grads_for_grad_norm()
+        return out
+
+    def get_grad_norm():
+        return get_grad_norm_fp32(grads(), grad_stats_parallel_group=group)
+
+    def _get_grad_norm_for_group(name):
+        return get_grad_norm_fp32(grads(name), grad_stats_parallel_group=group)
+
+    def has_grad_norm_group(name):
+        cache = optimizer.__dict__.setdefault("_stage_grad_norm_group_cache", {})
+        if name not in cache:
+            local = any(_get_param_grad_norm_group(p) == name
+                        for opt in optimizer.chained_optimizers for p in opt.get_parameters())
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            flag = torch.tensor([int(local)], dtype=torch.int, device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+            cache[name] = bool(flag.item())
+        return cache[name]
+
+    def count_zeros():
+        params = [p for opt in optimizer.chained_optimizers for p in opt.get_parameters()]
+        return count_zeros_fp32(params, grad_stats_parallel_group=group,
+                                use_decoupled_grad=optimizer.config
+                                .use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+
+    optimizer.get_grad_norm = get_grad_norm
+    optimizer._get_grad_norm_for_group = _get_grad_norm_for_group
+    optimizer.has_grad_norm_group = has_grad_norm_group
+    optimizer.count_zeros = count_zeros
+    optimizer.grad_stats_parallel_group = group

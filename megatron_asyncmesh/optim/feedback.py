@@ -1,0 +1,147 @@
+"""Optimizer-agnostic corrections for delayed updates: error feedback and PipeMare.
+
+Both wrap the Megatron-core objects the training loop already holds (the
+``MegatronOptimizer`` and the ``OptimizerParamScheduler``) and change nothing
+inside them, so they compose with every optimizer and wrapper.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+
+class DelayErrorFeedback:
+    """Error feedback for a one-step-delayed update (ALGORITHMS.md 2.2, "ours").
+
+    Under 2BW the update the inner optimizer produces at step t, ``u_t``, was
+    computed on the weights of step t - 1. The wrapper applies, in addition,
+    ``alpha (u_t - u_{t-1})``: the change between consecutive delayed updates,
+    a first-order extrapolation of the update the current weights would have
+    produced. With alpha = 0 it is plain 2BW:
+
+        W(t+1) = W(t) + u_t + alpha (u_t - u_{t-1})
+
+    ``u_t`` is measured as the change of the model's parameters across the
+    inner ``step()`` (so it includes the learning rate, weight decay and
+    whatever the wrapper does: replicated, layer-wise sharded or ZeRO-1),
+    which keeps the wrapper free of any optimizer's internals. It costs two
+    parameter-sized buffers: the previous update (state, checkpointed) and the
+    pre-step copy (scratch). The first step has no previous update and is not
+    corrected.
+    """
+
+    STATE_KEY = "delay_error_feedback"
+
+    def __init__(self, optimizer, params: List[torch.nn.Parameter], alpha: float):
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"--delay-error-feedback must be in [0, 1], got {alpha}.")
+        self.optimizer = optimizer
+        self.alpha = alpha
+        self.params = [p for p in params if p.requires_grad]
+        self.previous: Optional[List[torch.Tensor]] = None
+
+    def __getattr__(self, name):          # everything else is the inner optimizer's
+        return getattr(self.__dict__["optimizer"], name)
+
+    @torch.no_grad()
+    def step(self):
+        before = [p.detach().clone() for p in self.params]
+        ok, grad_norm, zeros = self.optimizer.step()
+        if not ok:
+            return ok, grad_norm, zeros
+        updates = []
+        for p, b in zip(self.params, before):
+            b.neg_().add_(p.detach())          # b := u_t = W_after - W_before
+            updates.append(b)
+        if self.previous is not None and self.alpha:
+            for p, u, prev in zip(self.params, updates, self.previous):
+                p.data.add_(u - prev, alpha=self.alpha)
+        self.previous = updates
+        return ok, grad_norm, zeros
+
+    # --- checkpointing through Megatron's sharded_state_dict -------------------
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kw):
+        from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+        sd = self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading, **kw)
+        by_param = _sharded_params(model_sharded_state_dict)
+        buffers = self.previous if self.previous is not None else [
+            torch.zeros_like(p) for p in self.params]
+        sd[self.STATE_KEY] = {
+            "has_previous": torch.tensor(self.previous is not None),
+            "previous": {str(i): make_sharded_optimizer_tensor(
+                by_param[id(p)], buf, prefix=f"optimizer.{self.STATE_KEY}")
+                for i, (p, buf) in enumerate(zip(self.params, buffers))}}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        mine = state_dict.pop(self.STATE_KEY, None)
+        if mine is None:
+            raise KeyError(
+                f"the checkpoint has no {self.STATE_KEY!r} state: it was saved without "
+                f"--delay-error-feedback; resume with the same optimizer flags.")
+        self.optimizer.load_state_dict(state_dict)
+        if bool(mine["has_previous"]):
+            self.previous = [mine["previous"][str(i)].clone() for i in range(len(self.params))]
+        else:
+            self.previous = None
+
+
+def _sharded_params(model_sharded_state_dict) -> Dict[int, object]:
+    """id(model parameter) -> its ShardedTensor in the model's sharded state dict."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    out = {}
+    for v in nested_values(model_sharded_state_dict):
+        if isinstance(v, ShardedTensor) and isinstance(v.data, torch.Tensor):
+            out.setdefault(id(v.data), v)
+    return out
+
+
+class PipeMareLR:
+    """PipeMare's learning-rate rescaling (Yang et al. 2021), per stage:
+
+        lr_t = lr_sched(t) / tau ** (1 - min(t / T, 1))
+
+    ``tau`` is 1 + the stage's mean gradient delay in optimizer steps (from the
+    schedule), so a delay-free stage keeps its learning rate; ``T`` is the
+    annealing length in steps. Wraps Megatron's ``OptimizerParamScheduler``:
+    its ``step`` recomputes every group's lr, and this multiplies the result,
+    so the correction never compounds and the scheduler's checkpoint state is
+    unchanged.
+    """
+
+    def __init__(self, scheduler, optimizer, tau: float, anneal_steps: int, global_batch: int):
+        if tau < 1.0:
+            raise ValueError(f"PipeMare needs tau >= 1, got {tau}.")
+        if anneal_steps < 1:
+            raise ValueError(f"--pipemare-anneal-iters must be >= 1, got {anneal_steps}.")
+        self.scheduler = scheduler
+        self.optimizer = optimizer
+        self.tau = tau
+        self.anneal_steps = anneal_steps
+        self.global_batch = global_batch
+        self._apply()
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["scheduler"], name)
+
+    def factor(self, step: int) -> float:
+        return self.tau ** -(1.0 - min(step / self.anneal_steps, 1.0))
+
+    def _apply(self) -> None:
+        f = self.factor(self.scheduler.num_steps // self.global_batch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["lr"] * f
+
+    def step(self, increment: int) -> None:
+        self.scheduler.step(increment=increment)
+        self._apply()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.scheduler.load_state_dict(state_dict)
+        self._apply()

@@ -1,0 +1,157 @@
+"""One process: a Megatron-core optimizer built by ``megatron_asyncmesh.optim`` against its
+reference math, step by step, on a real GPTModel.
+
+Two copies of the same tiny GPT (layout-independent init makes them identical):
+one inside Megatron's DDP with the optimizer ``build_optimizer`` returns (the
+registry entry, Megatron's parameter groups and wrappers), one bare with the
+reference optimizer(s) built directly from torch / emerging-optimizers, each
+parameter in the group (weight decay, lr) Megatron put it in. Both take the
+same forward / backward on the same batches; the worker writes, per step, the
+largest parameter difference. Launched by tests/test_optimizers.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import megatron_asyncmesh  # noqa: F401
+import torch
+
+VOCAB, SEQ, MB = 96, 16, 2
+
+
+def cfg_for(optimizer: str):
+    from megatron_asyncmesh.config import TrainConfig
+
+    return TrainConfig(num_layers=2, hidden_size=32, num_attention_heads=2, seq_length=SEQ,
+                       micro_batch_size=MB, global_batch_size=MB, optimizer=optimizer,
+                       untie_embeddings_and_output_weights=True, make_vocab_size_divisible_by=32,
+                       seed=11, lr=3e-3, min_lr=3e-3, weight_decay=0.1, clip_grad=0.0,
+                       soap_precondition_frequency=1, soap_stage_aware=False,
+                       # the library's Muon orthogonalizes the fused QKV matrix whole
+                       muon_split_qkv=False)
+
+
+def batch(t: int):
+    g = torch.Generator().manual_seed(500 + t)
+    tokens = torch.randint(0, VOCAB, (MB, SEQ + 1), generator=g)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def loss_of(model, t: int):
+    tokens, labels = batch(t)
+    pos = torch.arange(SEQ).repeat(MB, 1)
+    return model(tokens, pos, None, labels=labels).float().mean()
+
+
+def reference_optimizers(optimizer: str, cfg, groups):
+    """groups: list of (params, weight_decay, kind) with kind 'matrix' or 'other'."""
+    from emerging_optimizers.orthogonalized_optimizers import Muon
+    from emerging_optimizers.soap import SOAP
+
+    other = [{"params": p, "weight_decay": wd} for p, wd, kind in groups if kind == "other"]
+    matrix = [{"params": p, "weight_decay": wd} for p, wd, kind in groups if kind == "matrix"]
+    if optimizer == "nadamw":
+        every = [{"params": p, "weight_decay": wd} for p, wd, _ in groups]
+        return [torch.optim.NAdam(every, lr=cfg.lr, betas=(cfg.nadamw_beta1, cfg.nadamw_beta2),
+                                  eps=cfg.adam_eps, momentum_decay=cfg.nadamw_momentum_decay,
+                                  decoupled_weight_decay=True)]
+    adam = torch.optim.AdamW(other, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_eps)
+    if optimizer == "muon":
+        return [adam, Muon(matrix, lr=cfg.lr, momentum=cfg.muon_momentum,
+                           nesterov=cfg.muon_nesterov, weight_decay_method="decoupled",
+                           extra_scale_factor=cfg.muon_extra_scale_factor)]
+    if optimizer == "soap":
+        return [adam, SOAP(matrix, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                           shampoo_beta=cfg.soap_shampoo_beta, eps=cfg.adam_eps,
+                           fp32_matmul_prec="highest", qr_fp32_matmul_prec="highest")]
+    raise ValueError(optimizer)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--optimizer", required=True)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+
+    from megatron.core import parallel_state
+
+    from megatron_asyncmesh import distributed as mdist
+    from megatron_asyncmesh import optim
+    from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent, wrap_ddp
+
+    cfg = cfg_for(a.optimizer)
+    cfg.validate()
+    mdist.init_distributed()
+    torch.set_num_threads(1)
+    mdist.init_model_parallel(cfg)
+    model = build_gpt_stage(cfg, VOCAB)
+    init_layout_independent(model, cfg)
+    ref = build_gpt_stage(cfg, VOCAB)
+    init_layout_independent(ref, cfg)
+    ddp = wrap_ddp(cfg, model)
+    optimizer, info = optim.build_optimizer(cfg, ddp, 0, 1, 1)
+
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    ref_params = dict(ref.named_parameters())
+    groups, kinds = [], {}
+    for g in optimizer.param_groups:
+        names = [name_of[id(q)] for q in g["params"]]
+        for kind in ("matrix", "other"):
+            chosen = [n for n in names
+                      if (kind == "matrix") == (ref_params[n].dim() == 2
+                                                and "embedding" not in n
+                                                and "output_layer" not in n)]
+            if chosen:
+                groups.append(([ref_params[n] for n in chosen], g["weight_decay"], kind))
+                kinds.update({n: kind for n in chosen})
+    assert sorted(kinds) == sorted(ref_params), "every parameter is in one Megatron group"
+    refs = reference_optimizers(a.optimizer, cfg, groups)
+
+    diffs = []
+    for t in range(a.steps):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        loss_of(ddp, t).backward()
+        ddp.finish_grad_sync()
+        ok, _, _ = optimizer.step()
+        assert ok
+        for o in refs:
+            o.zero_grad()
+        loss_of(ref, t).backward()
+        for o in refs:
+            o.step()
+        own = dict(model.named_parameters())
+        if os.environ.get("OPTIM_WORKER_DEBUG"):
+            print({n: (own[n].detach() - r.detach()).abs().max().item()
+                   for n, r in ref_params.items()}, flush=True)
+        diffs.append(max((own[n].detach() - r.detach()).abs().max().item()
+                         for n, r in ref_params.items()))
+    moved = max((dict(model.named_parameters())[n].detach() - q).abs().max().item()
+                for n, q in build_reference_init(cfg).items())
+    with open(a.out, "w") as f:
+        json.dump({"diffs": diffs, "moved": moved, "info": info.as_dict(),
+                   "kinds": kinds,
+                   "wrapper": type(optimizer).__name__,
+                   "inner": [type(getattr(o, "optimizer", o)).__name__
+                             for o in getattr(optimizer, "chained_optimizers", [optimizer])]},
+                  f)
+    parallel_state.destroy_model_parallel()
+    return 0
+
+
+def build_reference_init(cfg):
+    from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent
+
+    m = build_gpt_stage(cfg, VOCAB)
+    init_layout_independent(m, cfg)
+    return {n: q.detach().clone() for n, q in m.named_parameters()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
