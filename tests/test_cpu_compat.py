@@ -109,3 +109,32 @@ def test_causal_attention_without_explicit_mask():
                          env=env_for_ranks(), cwd=REPO, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "causal" in out.stdout
+
+
+def test_uneven_all_gather_on_gloo(tmp_path):
+    """Megatron's layer-wise optimizer all-gathers each rank's whole tensors (uneven
+    sizes), which gloo refuses; the layer pads and cuts back."""
+    code = textwrap.dedent("""
+        import os, torch, torch.distributed as dist
+        import megatron_asyncmesh
+        dist.init_process_group("gloo")
+        r = dist.get_rank()
+        mine = torch.arange(3 + 2 * r, dtype=torch.float32) + 10 * r
+        out = [torch.empty(3), torch.empty(5)]
+        dist.all_gather(out, mine)
+        assert torch.equal(out[0], torch.arange(3.0)), out
+        assert torch.equal(out[1], torch.arange(5.0) + 10), out
+        same = [torch.empty(2), torch.empty(2)]
+        dist.all_gather(same, torch.full((2,), float(r)))      # equal sizes: torch's own
+        assert [t.tolist() for t in same] == [[0.0, 0.0], [1.0, 1.0]]
+        dist.destroy_process_group()
+    """)
+    from megatron_asyncmesh.distributed import free_port
+
+    script = tmp_path / "gather.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           "2", "--master_port", str(free_port()), str(script)],
+                          env=env_for_ranks(), cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -236,8 +236,15 @@ ASYNC = ["--pipeline-model-parallel-size", "2", "--untie-embeddings-and-output-w
     (4, ["--pipeline-schedule", "2bw", "--optimizer", "muon",
          "--use-layer-wise-distributed-optimizer", "--global-batch-size", "16"],
      {"0": {"delay": 1.0}, "1": {"delay": 1.0}}),
+    (2, ["--pipeline-schedule", "stash", "--optimizer", "muon"],
+     {"0": {"delay": 0.25}, "1": {"delay": 0.0}}),
+    (2, ["--pipeline-schedule", "flush", "--optimizer", "nadamw",
+         "--delay-error-feedback", "0.5"],          # no delay, so no correction
+     {"0": {"delay": 0.0, "error_feedback_alpha": 0.0}, "1": {"delay": 0.0}}),
+    (2, ["--pipeline-schedule", "flush", "--optimizer", "soap"],
+     {"0": {"soap_refresh_every": 10}, "1": {"soap_refresh_every": 10}}),
 ], ids=["2bw-muon-ef", "stash-soap", "2bw-nadamw-stage-aware-pipemare",
-        "2bw-muon-layerwise-pp2xdp2"])
+        "2bw-muon-layerwise-pp2xdp2", "stash-muon", "flush-nadamw", "flush-soap"])
 def test_async_schedules_train_with_each_method(tmp_path, data_args, nproc, args, expect):
     run = str(tmp_path)
     train(run, nproc, [*data_args, *ASYNC, *args])

@@ -41,17 +41,17 @@ MODEL = ["--num-layers", "8", "--hidden-size", "128", "--num-attention-heads", "
          "--untie-embeddings-and-output-weights", "--weight-decay", "0.1", "--clip-grad", "1.0",
          "--lr", "2e-3", "--min-lr", "2e-4", "--seed", "1234"]
 
-RUNS = {
+RUNS = {                       # in the order the grid is run (most informative first)
     "flush-adamw": ["--pipeline-schedule", "flush", "--optimizer", "adam"],
-    "flush-muon": ["--pipeline-schedule", "flush", "--optimizer", "muon"],
     "stash-adamw": ["--pipeline-schedule", "stash", "--optimizer", "adam"],
     "2bw-adamw": ["--pipeline-schedule", "2bw", "--optimizer", "adam"],
     "stash-nadamw": ["--pipeline-schedule", "stash", "--optimizer", "nadamw"],
-    "2bw-nadamw": ["--pipeline-schedule", "2bw", "--optimizer", "nadamw"],
+    "flush-muon": ["--pipeline-schedule", "flush", "--optimizer", "muon"],
     "2bw-muon": ["--pipeline-schedule", "2bw", "--optimizer", "muon"],
     "2bw-muon-ef": ["--pipeline-schedule", "2bw", "--optimizer", "muon",
                     "--delay-error-feedback", "0.5"],
     "stash-soap": ["--pipeline-schedule", "stash", "--optimizer", "soap"],
+    "2bw-nadamw": ["--pipeline-schedule", "2bw", "--optimizer", "nadamw"],
     "2bw-soap": ["--pipeline-schedule", "2bw", "--optimizer", "soap"],
     "2bw-pipemare": ["--pipeline-schedule", "2bw", "--optimizer", "adam",
                      "--pipemare-anneal-iters", "{half}"],
