@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--optimizer", required=True)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", required=True)
+    p.add_argument("--ef-resume", metavar="DIR",
+                   help="instead: error feedback, 4 steps straight vs 2 + save to DIR + load + 2")
     a = p.parse_args(argv)
 
     from megatron.core import parallel_state
@@ -90,6 +92,8 @@ def main(argv=None) -> int:
     mdist.init_distributed()
     torch.set_num_threads(1)
     mdist.init_model_parallel(cfg)
+    if a.ef_resume:
+        return ef_resume(cfg, a.ef_resume, a.out)
     model = build_gpt_stage(cfg, VOCAB)
     init_layout_independent(model, cfg)
     ref = build_gpt_stage(cfg, VOCAB)
@@ -141,6 +145,63 @@ def main(argv=None) -> int:
                    "inner": [type(getattr(o, "optimizer", o)).__name__
                              for o in getattr(optimizer, "chained_optimizers", [optimizer])]},
                   f)
+    parallel_state.destroy_model_parallel()
+    return 0
+
+
+def ef_resume(cfg, ckpt_dir: str, out: str) -> int:
+    """Error feedback's buffer through Megatron's dist_checkpointing: a fresh model and
+    optimizer loaded after 2 steps continue exactly like 4 steps straight."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from megatron_asyncmesh import optim
+    from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent, wrap_ddp
+    from megatron_asyncmesh.optim.feedback import DelayErrorFeedback
+
+    def make():
+        m = build_gpt_stage(cfg, VOCAB)
+        init_layout_independent(m, cfg)
+        d = wrap_ddp(cfg, m)
+        o, _ = optim.build_optimizer(cfg, d, 0, 1, 1)
+        return m, d, DelayErrorFeedback(o, list(d.parameters()), 0.5)
+
+    def step(d, o, t):
+        d.zero_grad_buffer()
+        o.zero_grad()
+        loss_of(d, t).backward()
+        d.finish_grad_sync()
+        assert o.step()[0]
+
+    def sharded(m, o, loading):
+        msd = m.sharded_state_dict()
+        return {"model": msd, "optimizer": o.sharded_state_dict(msd, is_loading=loading)}
+
+    m1, d1, o1 = make()
+    for t in range(4):
+        step(d1, o1, t)
+    m2, d2, o2 = make()
+    for t in range(2):
+        step(d2, o2, t)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    dist_checkpointing.save(sharded(m2, o2, False), ckpt_dir)
+    m3, d3, o3 = make()
+    state = dist_checkpointing.load(sharded(m3, o3, True), ckpt_dir)
+    m3.load_state_dict(state["model"])
+    o3.load_state_dict(state["optimizer"])
+    assert o3.previous is not None
+    for t in range(2, 4):
+        step(d3, o3, t)
+    p1, p3 = dict(m1.named_parameters()), dict(m3.named_parameters())
+    diff = max((p1[n].detach() - p3[n].detach()).abs().max().item() for n in p1)
+    # without the buffer, the first resumed step would skip the correction
+    m4, d4, o4 = make()
+    m4.load_state_dict(state["model"])
+    for t in range(2, 4):
+        step(d4, o4, t)
+    p4 = dict(m4.named_parameters())
+    diff_without = max((p1[n].detach() - p4[n].detach()).abs().max().item() for n in p1)
+    with open(out, "w") as f:
+        json.dump({"diff": diff, "diff_without_state": diff_without}, f)
     parallel_state.destroy_model_parallel()
     return 0
 

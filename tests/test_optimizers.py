@@ -23,14 +23,14 @@ import torch
 from tests.harness import REPO, env_for_ranks, read_metrics, read_summary, train
 
 
-def _worker(tmp_path, optimizer):
+def _worker(tmp_path, optimizer, *extra):
     out = str(tmp_path / f"{optimizer}.json")
     from megatron_asyncmesh.distributed import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            os.path.join(REPO, "tests", "optim_worker.py"), "--optimizer", optimizer,
-           "--out", out]
+           "--out", out, *extra]
     proc = subprocess.run(cmd, env=env_for_ranks(), capture_output=True, text=True,
                           timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -51,6 +51,15 @@ def test_megatron_optimizer_matches_reference(tmp_path, optimizer, inner):
     assert sorted(res["inner"]) == sorted(inner)
     if optimizer != "nadamw":                   # matrices to the method, the rest to AdamW
         assert "matrix" in res["kinds"].values() and "other" in res["kinds"].values()
+
+
+def test_error_feedback_state_survives_a_checkpoint(tmp_path):
+    """The previous-update buffer goes through Megatron's sharded_state_dict and
+    dist_checkpointing: 2 steps + save + load into fresh objects + 2 steps equals 4
+    steps bitwise; dropping the buffer (fresh optimizer state) does not."""
+    res = _worker(tmp_path, "nadamw", "--ef-resume", str(tmp_path / "ckpt"))
+    assert res["diff"] == 0.0
+    assert res["diff_without_state"] > 1e-4
 
 
 # --- pieces that need no model ---------------------------------------------------------
