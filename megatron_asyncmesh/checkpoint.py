@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -27,7 +28,36 @@ def _iter_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def _state(model, optimizer, scheduler, iteration: int, is_loading: bool) -> dict:
+def _versions(cfg: TrainConfig, model, model_sd, iteration: int, num_microbatches: int,
+              held: Optional[Dict[int, List]] = None) -> dict:
+    """ShardedTensors of the older weight versions a no-flush pipeline resumes on
+    (``schedule.resume_versions``), keyed by how many steps they lag
+    (``pipeline.weights_back1.<param key>.<layer>``)."""
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_asyncmesh.pipeline.schedule import resume_versions
+    from megatron_asyncmesh.sharding import sharded_params, standalone, unique_key
+
+    versions = resume_versions(cfg.pipeline_schedule, cfg.pipeline_model_parallel_size,
+                               parallel_state.get_pipeline_model_parallel_rank(),
+                               num_microbatches, iteration)
+    params = [p for p in model.parameters() if p.requires_grad]
+    by_param = sharded_params(model_sd)
+    dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    out = {}
+    for v in versions:
+        tensors = held[v] if held is not None else [torch.empty_like(p) for p in params]
+        for i, (p, t) in enumerate(zip(params, tensors)):
+            # Standalone tensors: only some stages hold versions, so a stacked (all
+            # layers) tensor would be incomplete.
+            key = unique_key(f"pipeline.weights_back{iteration - v}", by_param[id(p)])
+            out[f"{iteration - v}.{i}"] = standalone(key, t, dp_rank)
+    return out
+
+
+def _state(model, optimizer, scheduler, iteration: int, is_loading: bool,
+           versions=None) -> dict:
     from megatron_asyncmesh.optim.soap import factor_sharded_state
 
     # The unwrapped GPTModel: its keys are the model's own (no DDP "module." prefix).
@@ -41,10 +71,19 @@ def _state(model, optimizer, scheduler, iteration: int, is_loading: bool) -> dic
     factors = factor_sharded_state(optimizer, model_sd)
     if factors:                    # SOAP's Kronecker factors: not parameter-shaped
         state["optimizer_soap_factors"] = factors
+    if versions is not None:       # (cfg, num_microbatches, held versions or None)
+        cfg, num_microbatches, held = versions
+        state["pipeline_schedule"] = cfg.pipeline_schedule
+        weights = _versions(cfg, model, model_sd, iteration, num_microbatches, held)
+        if weights:
+            state["pipeline_weight_versions"] = weights
     return state
 
 
-def save(cfg: TrainConfig, model, optimizer, scheduler, iteration: int) -> str:
+def save(cfg: TrainConfig, model, optimizer, scheduler, iteration: int,
+         schedule=None, num_microbatches: Optional[int] = None) -> str:
+    """``schedule``: the asynchronous pipeline (drained), whose older weight versions
+    are saved too."""
     from megatron.core import dist_checkpointing
 
     final = _iter_dir(cfg.save, iteration)
@@ -55,7 +94,16 @@ def save(cfg: TrainConfig, model, optimizer, scheduler, iteration: int) -> str:
             shutil.rmtree(partial)
         os.makedirs(partial)
     dist.barrier()
-    dist_checkpointing.save(_state(model, optimizer, scheduler, iteration, False), partial)
+    versions = None
+    if schedule is not None:
+        from megatron.core import parallel_state
+
+        stage = parallel_state.get_pipeline_model_parallel_rank()
+        held = {v: schedule.stored_version(v) for v in schedule.versions_to_save(
+            num_microbatches, stage, cfg.pipeline_model_parallel_size)}
+        versions = (cfg, num_microbatches, held)
+    dist_checkpointing.save(_state(model, optimizer, scheduler, iteration, False, versions),
+                            partial)
     dist.barrier()
     if dist.get_rank() == 0:
         if os.path.exists(final):
@@ -69,8 +117,11 @@ def save(cfg: TrainConfig, model, optimizer, scheduler, iteration: int) -> str:
     return final
 
 
-def load(cfg: TrainConfig, model, optimizer, scheduler) -> int:
-    """Load the latest checkpoint under ``--load``; return its iteration."""
+def load(cfg: TrainConfig, model, optimizer, scheduler,
+         num_microbatches: Optional[int] = None) -> Tuple[int, Dict[int, List]]:
+    """Load the latest checkpoint under ``--load``; return its iteration and, for a
+    no-flush pipeline, the older weight versions to hand to the schedule
+    (``schedule.restore_versions``)."""
     from megatron.core import dist_checkpointing
 
     latest = os.path.join(cfg.load, LATEST)
@@ -80,7 +131,19 @@ def load(cfg: TrainConfig, model, optimizer, scheduler) -> int:
     with open(latest) as f:
         iteration = int(f.read().strip())
     path = _iter_dir(cfg.load, iteration)
-    state = dist_checkpointing.load(_state(model, optimizer, scheduler, iteration, True), path)
+    versions = None
+    if cfg.pipeline_schedule != "flush":
+        saved = dist_checkpointing.load_common_state_dict(path).get("pipeline_schedule", "flush")
+        if saved != cfg.pipeline_schedule and iteration > 0:
+            raise ConfigError(
+                f"--load {cfg.load!r}: iteration {iteration} was saved by a "
+                f"--pipeline-schedule {saved} run, which holds only the current weights; "
+                f"--pipeline-schedule {cfg.pipeline_schedule} resumes on the previous step's "
+                f"weights too. Resume with --pipeline-schedule {saved}, or from a checkpoint "
+                f"of a {cfg.pipeline_schedule} run.")
+        versions = (cfg, num_microbatches, None)
+    state = dist_checkpointing.load(
+        _state(model, optimizer, scheduler, iteration, True, versions), path)
     model.module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if "optimizer_soap_factors" in state:
@@ -89,4 +152,9 @@ def load(cfg: TrainConfig, model, optimizer, scheduler) -> int:
         load_factor_state(optimizer, model.module.sharded_state_dict(),
                           state["optimizer_soap_factors"])
     scheduler.load_state_dict(state["opt_param_scheduler"])
-    return int(state["iteration"])
+    held: Dict[int, List] = {}
+    for key, tensor in state.get("pipeline_weight_versions", {}).items():
+        back, index = (int(x) for x in key.split("."))
+        held.setdefault(iteration - back, {})[index] = tensor
+    held = {v: [ts[i] for i in range(len(ts))] for v, ts in held.items()}
+    return int(state["iteration"]), held

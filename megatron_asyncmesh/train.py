@@ -126,15 +126,17 @@ def run(cfg: TrainConfig) -> dict:
         wd_incr_steps=cfg.train_iters * gb, wd_incr_style="constant")
     scheduler = optim.wrap_scheduler(scheduler, optimizer, cfg, opt_info)
 
-    start_iter = 0
+    start_iter, resumed_versions = 0, {}
     if cfg.load:
-        start_iter = ckpt.load(cfg, model, optimizer, scheduler)
+        start_iter, resumed_versions = ckpt.load(cfg, model, optimizer, scheduler,
+                                                 num_microbatches)
     schedule = None
     if asynchronous:
         # The one-line change to a Megatron loop: get_forward_backward_func()
         # now returns the no-flush schedule.
         schedule = megatron_asyncmesh.patch(cfg.pipeline_schedule, train_iters=cfg.train_iters,
                                             start_step=start_iter)
+        schedule.restore_versions(resumed_versions)
     timeline = Timeline(stage, rank).install()
     trainer = Trainer(cfg, model, optimizer, scheduler, num_microbatches, schedule, timeline)
     train_it = train_iterator(data.train, cfg.micro_batch_size, dp_rank, dp, num_microbatches,
@@ -197,12 +199,13 @@ def run(cfg: TrainConfig) -> dict:
             if evaluating:
                 evaluate(step)
             if is_save_step(step):
-                ckpt.save(cfg, model, optimizer, scheduler, step)
+                ckpt.save(cfg, model, optimizer, scheduler, step, schedule, num_microbatches)
         flush_records()
         if not val_history or val_history[-1]["step"] != cfg.train_iters:
             evaluate(cfg.train_iters)
         if cfg.save and (not cfg.save_interval or cfg.train_iters % cfg.save_interval):
-            ckpt.save(cfg, model, optimizer, scheduler, cfg.train_iters)
+            ckpt.save(cfg, model, optimizer, scheduler, cfg.train_iters, schedule,
+                      num_microbatches)
     finally:
         writer.close()
         timeline.uninstall()

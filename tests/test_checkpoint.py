@@ -15,7 +15,16 @@ COMMON = ["--train-iters", "8", "--lr-warmup-iters", "2", "--eval-interval", "10
     ["--optimizer", "nadamw"],
     ["--optimizer", "muon"],
     ["--optimizer", "soap", "--soap-precondition-frequency", "3"],
-], ids=["adam", "nadamw", "muon", "soap"])
+    # No-flush pipelines: the checkpoint also holds the previous step's weights, on which
+    # the resumed step's microbatches run (2bw everywhere, stash at stage 0).
+    ["--pipeline-schedule", "2bw", "--untie-embeddings-and-output-weights"],
+    ["--pipeline-schedule", "stash", "--untie-embeddings-and-output-weights",
+     "--optimizer", "nadamw"],
+    ["--pipeline-schedule", "2bw", "--untie-embeddings-and-output-weights",
+     "--optimizer", "muon", "--delay-error-feedback", "0.5"],
+    ["--pipeline-schedule", "stash", "--untie-embeddings-and-output-weights",
+     "--delay-error-feedback", "1.0"],        # stage 1 has no delay, so no buffer
+], ids=["adam", "nadamw", "muon", "soap", "2bw", "stash-nadamw", "2bw-muon-ef", "stash-ef"])
 def test_resume_matches_straight_run(tmp_path, data_args, opt_args):
     """Optimizer state (NAdam's mu_product, Muon's momentum, SOAP's factors / basis /
     refresh phase) goes through Megatron's
@@ -49,3 +58,14 @@ def test_load_without_checkpoint_is_an_error(tmp_path, data_args):
                 timeout=120)
     assert res.returncode != 0 and not res.timed_out  # torchrun reports a failed child as 1
     assert "no latest_checkpointed_iteration.txt there" in res.output
+
+
+def test_async_resume_from_a_flush_checkpoint_is_refused(tmp_path, data_args):
+    ckpt = str(tmp_path / "ckpt")
+    train(str(tmp_path / "a"), 2, [*data_args, *COMMON, "--untie-embeddings-and-output-weights",
+                                   "--train-iters", "4", "--save", ckpt])
+    res = train(str(tmp_path / "b"), 2, [*data_args, *COMMON, "--load", ckpt,
+                                         "--untie-embeddings-and-output-weights",
+                                         "--pipeline-schedule", "2bw"], check=False)
+    assert res.returncode != 0
+    assert "saved by a --pipeline-schedule flush run" in res.output

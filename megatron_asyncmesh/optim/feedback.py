@@ -63,16 +63,26 @@ class DelayErrorFeedback:
 
     # --- checkpointing through Megatron's sharded_state_dict -------------------
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kw):
-        from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+        from megatron.core import parallel_state
+
+        from megatron_asyncmesh.sharding import sharded_params, standalone, unique_key
 
         sd = self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading, **kw)
-        by_param = _sharded_params(model_sharded_state_dict)
+        by_param = sharded_params(model_sharded_state_dict)
+        dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
         buffers = self.previous if self.previous is not None else [
             torch.zeros_like(p) for p in self.params]
+        # Standalone tensors (a stage without delay has no wrapper, so stacked per-layer
+        # tensors would be incomplete); replicated over data-parallel ranks.
+        stage = parallel_state.get_pipeline_model_parallel_rank()
+        tp = parallel_state.get_tensor_model_parallel_rank()
+        flag = torch.tensor([float(self.previous is not None)])
         sd[self.STATE_KEY] = {
-            "has_previous": torch.tensor(self.previous is not None),
-            "previous": {str(i): make_sharded_optimizer_tensor(
-                by_param[id(p)], buf, prefix=f"optimizer.{self.STATE_KEY}")
+            "has_previous": standalone(
+                f"optimizer.{self.STATE_KEY}.has_previous.pp{stage}.tp{tp}", flag, dp_rank),
+            "previous": {
+                str(i): standalone(unique_key(f"optimizer.{self.STATE_KEY}", by_param[id(p)]),
+                                   buf, dp_rank)
                 for i, (p, buf) in enumerate(zip(self.params, buffers))}}
         return sd
 
@@ -84,22 +94,8 @@ class DelayErrorFeedback:
                 f"the checkpoint has no {self.STATE_KEY!r} state: it was saved without "
                 f"--delay-error-feedback; resume with the same optimizer flags.")
         self.optimizer.load_state_dict(state_dict)
-        if bool(mine["has_previous"]):
-            self.previous = [mine["previous"][str(i)].clone() for i in range(len(self.params))]
-        else:
-            self.previous = None
-
-
-def _sharded_params(model_sharded_state_dict) -> Dict[int, object]:
-    """id(model parameter) -> its ShardedTensor in the model's sharded state dict."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    out = {}
-    for v in nested_values(model_sharded_state_dict):
-        if isinstance(v, ShardedTensor) and isinstance(v.data, torch.Tensor):
-            out.setdefault(id(v.data), v)
-    return out
+        self.previous = ([mine["previous"][str(i)].clone() for i in range(len(self.params))]
+                         if bool(mine["has_previous"].item()) else None)
 
 
 class PipeMareLR:

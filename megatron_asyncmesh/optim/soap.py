@@ -112,26 +112,19 @@ def _soap_optimizers(optimizer, sharded: bool = False):
 
 
 def _factor_key(name: str, sharded_param) -> str:
-    """Unique per parameter: Megatron stacks the layers of a key along prepended axes
-    (the layer number is an offset there), and TP ranks hold different factors."""
-    from megatron.core import parallel_state
+    from megatron_asyncmesh.sharding import unique_key
 
-    stacked = "".join(f".{o}" for o in sharded_param.global_offset[
-        :sharded_param.prepend_axis_num])
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    suffix = f".tp{parallel_state.get_tensor_model_parallel_rank()}" if tp > 1 else ""
-    return f"optimizer.soap.{name}.{sharded_param.key}{stacked}{suffix}"
+    return unique_key(f"optimizer.soap.{name}", sharded_param)
 
 
 def factor_sharded_state(optimizer, model_sharded_state_dict) -> dict:
     """ShardedTensors of every SOAP factor this rank holds (call after the optimizer's
     own ``sharded_state_dict``, which creates the state when loading)."""
     from megatron.core import parallel_state
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from megatron_asyncmesh.optim.feedback import _sharded_params
+    from megatron_asyncmesh.sharding import sharded_params, standalone
 
-    by_param = _sharded_params(model_sharded_state_dict)
+    by_param = sharded_params(model_sharded_state_dict)
     dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
     out = {}
     for opt, owned in _soap_optimizers(optimizer):
@@ -141,16 +134,15 @@ def factor_sharded_state(optimizer, model_sharded_state_dict) -> dict:
                 for name in FACTOR_KEYS:
                     if name in state:
                         key = _factor_key(name, by_param[id(p)])
-                        out[key] = ShardedTensor.from_rank_offsets(
-                            key, state[name], replica_id=0 if owned else dp_rank)
+                        out[key] = standalone(key, state[name], 0 if owned else dp_rank)
     return out
 
 
 def load_factor_state(optimizer, model_sharded_state_dict, loaded: dict) -> None:
     """Put loaded factors back (after the optimizer's ``load_state_dict``)."""
-    from megatron_asyncmesh.optim.feedback import _sharded_params
+    from megatron_asyncmesh.sharding import sharded_params
 
-    by_param = _sharded_params(model_sharded_state_dict)
+    by_param = sharded_params(model_sharded_state_dict)
     for opt, _ in _soap_optimizers(optimizer):
         for group in opt.param_groups:
             for p in group["params"]:

@@ -32,7 +32,7 @@ import torch
 
 from megatron_asyncmesh.pipeline.schedule import (
     ASYNC_MODES, MODES, RECV_B, RECV_F, SEND_B, SEND_F, ScheduleError, check, needs_snapshot,
-    step_actions, weight_version)
+    resume_versions, step_actions, weight_version)
 from megatron_asyncmesh.pipeline.timeline import Timeline
 from megatron_asyncmesh.pipeline.versions import WeightVersionStore
 
@@ -77,6 +77,26 @@ class AsyncPipelineSchedule:
         self._in_grads: Dict[int, torch.Tensor] = {}
         self._versions: Dict[int, int] = {}
         self._megatron = None
+        self._restored: Dict[int, List[torch.Tensor]] = {}
+
+    # -- checkpoints -----------------------------------------------------------
+    def versions_to_save(self, num_microbatches: int, stage: int, P: int) -> List[int]:
+        """See :func:`schedule.resume_versions` (for a drained pipeline at ``self.step``)."""
+        return resume_versions(self.mode, P, stage, num_microbatches, self.step)
+
+    def stored_version(self, version: int) -> List[torch.Tensor]:
+        """The weights of ``version`` (parameter order), from the store or a restore."""
+        if version in self._restored:
+            return self._restored[version]
+        if self.store is None or version not in self.store.snapshots:
+            raise PipelineStateError(
+                f"weight version {version} is not held by this stage (step {self.step}); "
+                f"a checkpoint can only be taken on a drained pipeline.")
+        return self.store.snapshots[version]
+
+    def restore_versions(self, versions: Dict[int, List[torch.Tensor]]) -> None:
+        """Weight versions loaded from a checkpoint; put in the store at the first call."""
+        self._restored = {v: list(ts) for v, ts in versions.items()}
 
     # -- control -------------------------------------------------------------
     @property
@@ -129,6 +149,9 @@ class AsyncPipelineSchedule:
         self.num_microbatches = num_microbatches
         params = [p for p in model.parameters() if p.requires_grad]
         self.store = WeightVersionStore(params, needs_snapshot(self.mode, self.P, self.stage))
+        for v, tensors in self._restored.items():
+            self.store.restore(v, tensors)
+        self._restored = {}
         self.cp_size = self.pg.cp.size()
         self._setup_done = True
 

@@ -101,6 +101,17 @@ def gradient_delay(mode: str, P: int, stage: int, M: int, microbatch: int) -> in
     return microbatch // M - weight_version(mode, P, stage, M, microbatch)
 
 
+def resume_versions(mode: str, P: int, stage: int, M: int, step: int) -> List[int]:
+    """Weight versions older than ``step`` that step ``step``'s microbatches run on:
+    what a checkpoint of a drained pipeline after ``step`` steps must hold besides the
+    live weights, for the resumed run to be exact (2bw: step - 1; stash: step - 1 at
+    stages k < P - 1; flush: none)."""
+    if step == 0 or not needs_snapshot(mode, P, stage):
+        return []
+    return sorted({weight_version(mode, P, stage, M, j) for j in range(step * M, (step + 1) * M)}
+                  - set(range(step, step + 2)))
+
+
 def needs_snapshot(mode: str, P: int, stage: int) -> bool:
     """Whether microbatches of this stage can still be in flight (or not yet
     started) when the version they use is replaced by an optimizer step, so

@@ -64,6 +64,17 @@ class WeightVersionStore:
             self.copies += 1
         self.peak_versions = max(self.peak_versions, len(self.snapshots))
 
+    def restore(self, version: int, tensors: Sequence[torch.Tensor]) -> None:
+        """A version loaded from a checkpoint (resuming a no-flush run)."""
+        if not self.enabled:
+            return
+        if len(tensors) != len(self.live) or any(
+                t.shape != l.shape for t, l in zip(tensors, self.live)):
+            raise ValueError(f"weight version {version} from the checkpoint does not match "
+                             f"this stage's parameters.")
+        self.snapshots[version] = [t.to(l.device, l.dtype).clone()
+                                   for t, l in zip(tensors, self.live)]
+
     def has(self, version: int) -> bool:
         return not self.enabled or version in self.snapshots
 
