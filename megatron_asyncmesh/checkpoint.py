@@ -28,26 +28,29 @@ def _iter_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def _versions(cfg: TrainConfig, model, model_sd, iteration: int, num_microbatches: int,
-              held: Optional[Dict[int, List]] = None) -> dict:
-    """ShardedTensors of the older weight versions a no-flush pipeline resumes on
-    (``schedule.resume_versions``), keyed by how many steps they lag
-    (``pipeline.weights_back1.<param key>.<layer>``)."""
+def _versions(cfg: TrainConfig, model, model_sd, iteration: int,
+              held: Optional[Dict[int, List]] = None,
+              num_microbatches: Optional[int] = None) -> dict:
+    """ShardedTensors of the older weight versions a no-flush pipeline resumes on, keyed
+    by how many steps they lag (``pipeline.weights_back1.<param key>.<layer>``).
+    Saving: ``held`` (``schedule.held_versions()``); loading: empty tensors for the
+    versions ``schedule.resume_versions`` names."""
     import torch
     from megatron.core import parallel_state
 
     from megatron_asyncmesh.pipeline.schedule import resume_versions
     from megatron_asyncmesh.sharding import sharded_params, standalone, unique_key
 
-    versions = resume_versions(cfg.pipeline_schedule, cfg.pipeline_model_parallel_size,
-                               parallel_state.get_pipeline_model_parallel_rank(),
-                               num_microbatches, iteration)
     params = [p for p in model.parameters() if p.requires_grad]
+    if held is None:
+        versions = resume_versions(cfg.pipeline_schedule, cfg.pipeline_model_parallel_size,
+                                   parallel_state.get_pipeline_model_parallel_rank(),
+                                   num_microbatches, iteration)
+        held = {v: [torch.empty_like(p) for p in params] for v in versions}
     by_param = sharded_params(model_sd)
     dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
     out = {}
-    for v in versions:
-        tensors = held[v] if held is not None else [torch.empty_like(p) for p in params]
+    for v, tensors in held.items():
         for i, (p, t) in enumerate(zip(params, tensors)):
             # Standalone tensors: only some stages hold versions, so a stacked (all
             # layers) tensor would be incomplete.
@@ -57,7 +60,10 @@ def _versions(cfg: TrainConfig, model, model_sd, iteration: int, num_microbatche
 
 
 def _state(model, optimizer, scheduler, iteration: int, is_loading: bool,
-           versions=None) -> dict:
+           cfg: Optional[TrainConfig] = None, held: Optional[Dict[int, List]] = None,
+           num_microbatches: Optional[int] = None) -> dict:
+    """``cfg`` is given for a no-flush pipeline: its schedule and weight versions are
+    part of the checkpoint (see :func:`_versions` for ``held`` / ``num_microbatches``)."""
     from megatron_asyncmesh.optim.soap import factor_sharded_state
 
     # The unwrapped GPTModel: its keys are the model's own (no DDP "module." prefix).
@@ -71,17 +77,16 @@ def _state(model, optimizer, scheduler, iteration: int, is_loading: bool,
     factors = factor_sharded_state(optimizer, model_sd)
     if factors:                    # SOAP's Kronecker factors: not parameter-shaped
         state["optimizer_soap_factors"] = factors
-    if versions is not None:       # (cfg, num_microbatches, held versions or None)
-        cfg, num_microbatches, held = versions
+    if cfg is not None:
         state["pipeline_schedule"] = cfg.pipeline_schedule
-        weights = _versions(cfg, model, model_sd, iteration, num_microbatches, held)
+        weights = _versions(cfg, model, model_sd, iteration, held, num_microbatches)
         if weights:
             state["pipeline_weight_versions"] = weights
     return state
 
 
 def save(cfg: TrainConfig, model, optimizer, scheduler, iteration: int,
-         schedule=None, num_microbatches: Optional[int] = None) -> str:
+         schedule=None) -> str:
     """``schedule``: the asynchronous pipeline (drained), whose older weight versions
     are saved too."""
     from megatron.core import dist_checkpointing
@@ -94,15 +99,8 @@ def save(cfg: TrainConfig, model, optimizer, scheduler, iteration: int,
             shutil.rmtree(partial)
         os.makedirs(partial)
     dist.barrier()
-    versions = None
-    if schedule is not None:
-        from megatron.core import parallel_state
-
-        stage = parallel_state.get_pipeline_model_parallel_rank()
-        held = {v: schedule.stored_version(v) for v in schedule.versions_to_save(
-            num_microbatches, stage, cfg.pipeline_model_parallel_size)}
-        versions = (cfg, num_microbatches, held)
-    dist_checkpointing.save(_state(model, optimizer, scheduler, iteration, False, versions),
+    pipeline = dict(cfg=cfg, held=schedule.held_versions()) if schedule is not None else {}
+    dist_checkpointing.save(_state(model, optimizer, scheduler, iteration, False, **pipeline),
                             partial)
     dist.barrier()
     if dist.get_rank() == 0:
@@ -131,7 +129,7 @@ def load(cfg: TrainConfig, model, optimizer, scheduler,
     with open(latest) as f:
         iteration = int(f.read().strip())
     path = _iter_dir(cfg.load, iteration)
-    versions = None
+    pipeline = {}
     if cfg.pipeline_schedule != "flush":
         saved = dist_checkpointing.load_common_state_dict(path).get("pipeline_schedule", "flush")
         if saved != cfg.pipeline_schedule and iteration > 0:
@@ -141,9 +139,9 @@ def load(cfg: TrainConfig, model, optimizer, scheduler,
                 f"--pipeline-schedule {cfg.pipeline_schedule} resumes on the previous step's "
                 f"weights too. Resume with --pipeline-schedule {saved}, or from a checkpoint "
                 f"of a {cfg.pipeline_schedule} run.")
-        versions = (cfg, num_microbatches, None)
+        pipeline = dict(cfg=cfg, num_microbatches=num_microbatches)
     state = dist_checkpointing.load(
-        _state(model, optimizer, scheduler, iteration, True, versions), path)
+        _state(model, optimizer, scheduler, iteration, True, **pipeline), path)
     model.module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if "optimizer_soap_factors" in state:
@@ -152,9 +150,9 @@ def load(cfg: TrainConfig, model, optimizer, scheduler,
         load_factor_state(optimizer, model.module.sharded_state_dict(),
                           state["optimizer_soap_factors"])
     scheduler.load_state_dict(state["opt_param_scheduler"])
+    weights = state.get("pipeline_weight_versions", {})
     held: Dict[int, List] = {}
-    for key, tensor in state.get("pipeline_weight_versions", {}).items():
-        back, index = (int(x) for x in key.split("."))
-        held.setdefault(iteration - back, {})[index] = tensor
-    held = {v: [ts[i] for i in range(len(ts))] for v, ts in held.items()}
+    for key in sorted(weights, key=lambda k: tuple(int(x) for x in k.split("."))):
+        back = int(key.split(".")[0])          # "<steps back>.<parameter index>"
+        held.setdefault(iteration - back, []).append(weights[key])
     return int(state["iteration"]), held

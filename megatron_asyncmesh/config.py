@@ -178,7 +178,7 @@ class TrainConfig:
         from megatron_asyncmesh.optim import OptimizerChoiceError, check_choice
         try:
             check_choice(self.optimizer, self.use_distributed_optimizer,
-                         self.use_layer_wise_distributed_optimizer, self.pipeline_schedule)
+                         self.use_layer_wise_distributed_optimizer)
         except OptimizerChoiceError as exc:
             raise ConfigError(str(exc)) from None
         if not 0.0 <= self.delay_error_feedback <= 1.0:

@@ -199,13 +199,12 @@ def run(cfg: TrainConfig) -> dict:
             if evaluating:
                 evaluate(step)
             if is_save_step(step):
-                ckpt.save(cfg, model, optimizer, scheduler, step, schedule, num_microbatches)
+                ckpt.save(cfg, model, optimizer, scheduler, step, schedule)
         flush_records()
         if not val_history or val_history[-1]["step"] != cfg.train_iters:
             evaluate(cfg.train_iters)
         if cfg.save and (not cfg.save_interval or cfg.train_iters % cfg.save_interval):
-            ckpt.save(cfg, model, optimizer, scheduler, cfg.train_iters, schedule,
-                      num_microbatches)
+            ckpt.save(cfg, model, optimizer, scheduler, cfg.train_iters, schedule)
     finally:
         writer.close()
         timeline.uninstall()
@@ -215,10 +214,10 @@ def run(cfg: TrainConfig) -> dict:
             unpatch()
 
     pipeline = pipeline_report(cfg, timeline, schedule, rank)
-    rss = [None] * dist.get_world_size()
-    dist.all_gather_object(rss, round(peak_rss_mb(), 1))
-    stage_opts = [None] * dist.get_world_size()
-    dist.all_gather_object(stage_opts, opt_info.as_dict())
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, (round(peak_rss_mb(), 1), opt_info.as_dict()))
+    rss = [r for r, _ in per_rank]
+    stage_opts = [o for _, o in per_rank]
     summary = {
         "final_val_loss": val_history[-1]["val_loss"] if val_history else None,
         "final_train_loss": stats["loss"] if stats else None,

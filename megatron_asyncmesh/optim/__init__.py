@@ -60,7 +60,7 @@ def stage_delay(mode: str, P: int, stage: int, M: int) -> float:
 
 
 def check_choice(optimizer: str, use_distributed_optimizer: bool,
-                 use_layer_wise: bool, pipeline_schedule: str) -> None:
+                 use_layer_wise: bool) -> None:
     """Raise :class:`OptimizerChoiceError` for combinations that cannot run."""
     if optimizer not in OPTIMIZERS:
         raise OptimizerChoiceError(
@@ -113,7 +113,7 @@ def build_optimizer(cfg, model, stage: int, P: int, M: int):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     check_choice(cfg.optimizer, cfg.use_distributed_optimizer,
-                 cfg.use_layer_wise_distributed_optimizer, cfg.pipeline_schedule)
+                 cfg.use_layer_wise_distributed_optimizer)
     delay = stage_delay(cfg.pipeline_schedule, P, stage, M)
     info = StageOptimizerInfo(cfg.optimizer, stage, delay)
     name = cfg.optimizer
@@ -146,6 +146,7 @@ def _wrap_layer_wise_fp32(optimizer, opt_cfg) -> None:
     otherwise, so an fp32 run fails at the first step (``'...' object has no attribute
     'prepare_grads'``). Wrap them in ``FP32Optimizer`` (what Megatron uses for fp32
     everywhere else), after the sharding, as the bf16 path does."""
+    import torch
     from megatron.core.optimizer import emerging_optimizers as eo
     from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
     from megatron.core.optimizer.optimizer import FP32Optimizer, MegatronOptimizer
@@ -160,18 +161,13 @@ def _wrap_layer_wise_fp32(optimizer, opt_cfg) -> None:
         for opt in lw.chained_optimizers:
             if not isinstance(opt, MegatronOptimizer):
                 init = (nadamw_init if isinstance(opt, NAdamW) else
-                        _adam_init_state_fn if isinstance(opt, torch_adam_types()) else
+                        _adam_init_state_fn if isinstance(opt, (torch.optim.Adam,
+                                                                torch.optim.AdamW)) else
                         eo._eopt_init_state_fn)
                 opt = FP32Optimizer(opt, opt_cfg, init)
             wrapped.append(opt)
         lw.chained_optimizers = wrapped
         lw.config = opt_cfg
-
-
-def torch_adam_types():
-    import torch
-
-    return (torch.optim.Adam, torch.optim.AdamW)
 
 
 def _adam_init_state_fn(opt, config=None) -> None:

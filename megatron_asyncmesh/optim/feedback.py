@@ -7,7 +7,7 @@ inside them, so they compose with every optimizer and wrapper.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -28,8 +28,8 @@ class DelayErrorFeedback:
     whatever the wrapper does: replicated, layer-wise sharded or ZeRO-1),
     which keeps the wrapper free of any optimizer's internals. It costs two
     parameter-sized buffers: the previous update (state, checkpointed) and the
-    pre-step copy (scratch). The first step has no previous update and is not
-    corrected.
+    pre-step copy (scratch, recycled). The first step has no previous update and is
+    not corrected.
     """
 
     STATE_KEY = "delay_error_feedback"
@@ -41,24 +41,30 @@ class DelayErrorFeedback:
         self.alpha = alpha
         self.params = [p for p in params if p.requires_grad]
         self.previous: Optional[List[torch.Tensor]] = None
+        self._scratch: Optional[List[torch.Tensor]] = None
 
     def __getattr__(self, name):          # everything else is the inner optimizer's
         return getattr(self.__dict__["optimizer"], name)
 
     @torch.no_grad()
     def step(self):
-        before = [p.detach().clone() for p in self.params]
+        # Two parameter-sized buffers, recycled: ``previous`` (u_{t-1}) and a scratch
+        # list that receives the pre-step weights, becomes u_t, and is then kept as
+        # ``previous`` while the old ``previous`` becomes the next scratch.
+        before = self._scratch or [torch.empty_like(p) for p in self.params]
+        self._scratch = None
+        for b, p in zip(before, self.params):
+            b.copy_(p.detach())
         ok, grad_norm, zeros = self.optimizer.step()
         if not ok:
+            self._scratch = before
             return ok, grad_norm, zeros
-        updates = []
         for p, b in zip(self.params, before):
             b.neg_().add_(p.detach())          # b := u_t = W_after - W_before
-            updates.append(b)
         if self.previous is not None and self.alpha:
-            for p, u, prev in zip(self.params, updates, self.previous):
-                p.data.add_(u - prev, alpha=self.alpha)
-        self.previous = updates
+            for p, u, prev in zip(self.params, before, self.previous):
+                p.data.add_(prev.neg_().add_(u), alpha=self.alpha)   # prev := u_t - u_{t-1}
+        self._scratch, self.previous = self.previous, before
         return ok, grad_norm, zeros
 
     # --- checkpointing through Megatron's sharded_state_dict -------------------

@@ -50,7 +50,6 @@ class NAdamW(torch.optim.NAdam):
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-
     # NAdam keeps a scalar ``mu_product`` per parameter. Megatron's checkpointing shapes
     # every non-``step`` state entry like its parameter, so the scalar cannot be saved
     # as is; it is a pure function of the step count (the product of the momentum

@@ -30,6 +30,11 @@ def _keep_basis(kronecker_factor_list, eigenbasis_list, exp_avg_sq, exp_avg, **_
     return eigenbasis_list, exp_avg, exp_avg_sq
 
 
+# Megatron's FP32Optimizer.sharded_state_dict shapes every optimizer state entry like its
+# parameter; SOAP's Kronecker factors and eigenbases are (m x m) and (n x n).
+FACTOR_KEYS = ("L", "R", "Q_L", "Q_R")
+
+
 @contextlib.contextmanager
 def _basis_frozen():
     original = _soap_module.update_eigenbasis_and_exp_avgs
@@ -68,6 +73,13 @@ class StageAwareSOAP(SOAP):
         with _basis_frozen() if frozen else contextlib.nullcontext():
             return super().step(closure)
 
+    def state_dict(self):
+        """Without the factors (saved separately by :func:`factor_sharded_state`)."""
+        sd = super().state_dict()
+        sd["state"] = {k: {kk: vv for kk, vv in v.items() if kk not in FACTOR_KEYS}
+                       for k, v in sd["state"].items()}
+        return sd
+
 
 def stage_refresh_frequency(base: int, stage_delay: float) -> int:
     """Refresh period of a stage whose gradients are ``stage_delay`` steps stale on
@@ -78,21 +90,9 @@ def stage_refresh_frequency(base: int, stage_delay: float) -> int:
 
 
 # --- checkpointing ---------------------------------------------------------------------
-# Megatron's FP32Optimizer.sharded_state_dict shapes every optimizer state entry like its
-# parameter; SOAP's Kronecker factors and eigenbases are (m x m) and (n x n). They are
-# left out of the optimizer's state dict and saved as tensors of their own, keyed by the
-# parameter's global checkpoint key, next to Megatron's state.
+# The factors left out of ``StageAwareSOAP.state_dict`` are saved as tensors of their own,
+# keyed by the parameter's global checkpoint key, next to Megatron's state.
 
-FACTOR_KEYS = ("L", "R", "Q_L", "Q_R")
-
-
-def _strip_factors(sd: dict) -> dict:
-    sd["state"] = {k: {kk: vv for kk, vv in v.items() if kk not in FACTOR_KEYS}
-                   for k, v in sd["state"].items()}
-    return sd
-
-
-StageAwareSOAP.state_dict = lambda self: _strip_factors(SOAP.state_dict(self))
 
 
 def _soap_optimizers(optimizer, sharded: bool = False):

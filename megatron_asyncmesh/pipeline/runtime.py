@@ -80,19 +80,24 @@ class AsyncPipelineSchedule:
         self._restored: Dict[int, List[torch.Tensor]] = {}
 
     # -- checkpoints -----------------------------------------------------------
-    def versions_to_save(self, num_microbatches: int, stage: int, P: int) -> List[int]:
-        """See :func:`schedule.resume_versions` (for a drained pipeline at ``self.step``)."""
-        return resume_versions(self.mode, P, stage, num_microbatches, self.step)
-
-    def stored_version(self, version: int) -> List[torch.Tensor]:
-        """The weights of ``version`` (parameter order), from the store or a restore."""
-        if version in self._restored:
-            return self._restored[version]
-        if self.store is None or version not in self.store.snapshots:
+    def held_versions(self) -> Dict[int, List[torch.Tensor]]:
+        """The weights (parameter order) of every older version the next step's
+        microbatches run on (:func:`schedule.resume_versions`): what a checkpoint of
+        the drained pipeline must hold besides the live weights."""
+        if not self.drained:
             raise PipelineStateError(
-                f"weight version {version} is not held by this stage (step {self.step}); "
-                f"a checkpoint can only be taken on a drained pipeline.")
-        return self.store.snapshots[version]
+                "a checkpoint needs a drained pipeline: microbatches of the next step are "
+                "in flight. Call schedule.request_drain() before the step preceding it.")
+        if not self._setup_done:           # resumed, no step taken yet
+            return dict(self._restored)
+        versions = resume_versions(self.mode, self.P, self.stage, self.num_microbatches,
+                                   self.step)
+        missing = [v for v in versions if v not in self.store.snapshots]
+        if missing:
+            raise PipelineStateError(
+                f"weight versions {missing} are not held by stage {self.stage} at step "
+                f"{self.step} (held: {sorted(self.store.snapshots)}).")
+        return {v: self.store.snapshots[v] for v in versions}
 
     def restore_versions(self, versions: Dict[int, List[torch.Tensor]]) -> None:
         """Weight versions loaded from a checkpoint; put in the store at the first call."""
@@ -116,7 +121,6 @@ class AsyncPipelineSchedule:
 
     # -- set-up ----------------------------------------------------------------
     def _setup(self, model, num_microbatches: int) -> None:
-        from megatron.core import parallel_state
         from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
         from megatron.core.pipeline_parallel.schedules import _build_default_pg_collection
         from megatron.core.utils import get_model_config
