@@ -57,6 +57,27 @@ class TrainConfig:
     tensor_model_parallel_size: int = _f(1, "tensor parallel size (1 on CPU)", "parallel")
     use_distributed_optimizer: bool = _f(False, "shard optimizer state over DP (ZeRO-1)",
                                          "parallel")
+    dp_averaging: str = _f(
+        "none", "none = Megatron's synchronous gradient all-reduce over DP; sparse = AsyncMesh: "
+        "no gradient all-reduce, replicas asynchronously average a rotating --dp-fraction of "
+        "their parameters, applied --dp-delay steps later", "parallel", ("none", "sparse"))
+    dp_fraction: float = _f(0.05, "share of every tensor averaged per step (p; 1 = dense "
+                            "parameter averaging)", "parallel")
+    dp_delay: int = _f(10, "steps between launching an average and applying it (tau; 0 = "
+                       "SPARTA)", "parallel")
+    dp_correction: str = _f(
+        "ema", "avg: W[S] <- A (AsyncSPARTA); drift: A + lambda D; ema: A + lambda EMA(D) "
+        "(AsyncMesh)", "parallel", ("avg", "drift", "ema"))
+    dp_selector: str = _f("partition", "partition: disjoint groups cycled (each coordinate "
+                          "once per ceil(1/p) steps); bernoulli: random p per step", "parallel",
+                          ("partition", "bernoulli"))
+    dp_lambda: float = _f(1.0, "weight of the drift correction (lambda)", "parallel")
+    dp_seed: Optional[int] = _f(None, "selector seed shared by the replicas (default --seed)",
+                                "parallel")
+    dp_ema_start: int = _f(1000, "step from which the ema momentum is cosine-annealed "
+                           "0.5 -> 0.99", "parallel")
+    dp_ema_anneal_iters: int = _f(0, "length of that annealing (0 = to the end of training)",
+                                  "parallel")
     pipeline_schedule: str = _f(
         "flush", "flush = Megatron's synchronous 1F1B; 2bw = PipeDream-2BW (no flush, delay 1);"
         " stash = PipeDream weight stashing (no flush, delay P-1-k)", "parallel",
@@ -181,6 +202,17 @@ class TrainConfig:
                          self.use_layer_wise_distributed_optimizer)
         except OptimizerChoiceError as exc:
             raise ConfigError(str(exc)) from None
+        if self.dp_averaging == "sparse":
+            from megatron_asyncmesh.dataparallel.megatron import averaging_config
+
+            averaging_config(self)
+            for flag in ("use_distributed_optimizer", "use_layer_wise_distributed_optimizer"):
+                if getattr(self, flag):
+                    raise ConfigError(
+                        f"--dp-averaging sparse cannot be combined with --{_flag(flag)}: "
+                        f"that shards optimizer state over the data-parallel replicas, which "
+                        f"sparse averaging keeps independent (each replica needs its whole "
+                        f"optimizer state). Drop --{_flag(flag)}, or use --dp-averaging none.")
         if not 0.0 <= self.delay_error_feedback <= 1.0:
             raise ConfigError(
                 f"--delay-error-feedback must be in [0, 1] (0 = off, 1 = full extrapolation), "

@@ -109,7 +109,8 @@ def build_gpt_stage(cfg: TrainConfig, vocab_size: int):
 
 
 def wrap_ddp(cfg: TrainConfig, model):
-    """Megatron's DistributedDataParallel: contiguous grad buffers, DP all-reduce."""
+    """Megatron's DistributedDataParallel: contiguous grad buffers, DP all-reduce (none
+    with ``--dp-averaging sparse``)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
@@ -118,7 +119,15 @@ def wrap_ddp(cfg: TrainConfig, model):
         use_distributed_optimizer=cfg.use_distributed_optimizer,
         check_for_nan_in_grad=False,
     )
-    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    pg_collection = None
+    if cfg.dp_averaging == "sparse":
+        # Independent replicas: DDP's data-parallel group is this rank alone, so its
+        # gradient all-reduce is a no-op; the averaging runs after the optimizer step.
+        from megatron_asyncmesh.dataparallel.megatron import replica_process_groups
+
+        pg_collection = replica_process_groups()
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
+                                   pg_collection=pg_collection)
 
 
 # Parameters Megatron initialises with the depth-scaled std sigma / sqrt(2 L).

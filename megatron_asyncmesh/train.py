@@ -80,6 +80,7 @@ def run(cfg: TrainConfig) -> dict:
     from megatron_asyncmesh import checkpoint as ckpt
     from megatron_asyncmesh import distributed as mdist
     from megatron_asyncmesh import optim
+    from megatron_asyncmesh.dataparallel.megatron import build_averager
     from megatron_asyncmesh.data.datasets import (
         build_gpt_datasets, eval_microbatches, train_iterator)
     from megatron_asyncmesh.metrics import RunWriter, final_table, peak_rss_mb, plot_losses
@@ -118,6 +119,7 @@ def run(cfg: TrainConfig) -> dict:
         # Grad-norm / inf checks stay inside the stage: no collective across stages.
         megatron_asyncmesh.make_optimizer_stage_local(optimizer)
     optimizer = optim.wrap_error_feedback(optimizer, model, cfg, opt_info)
+    averager = build_averager(cfg, model, optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
         lr_warmup_steps=cfg.lr_warmup_iters * gb,
@@ -138,7 +140,8 @@ def run(cfg: TrainConfig) -> dict:
                                             start_step=start_iter)
         schedule.restore_versions(resumed_versions)
     timeline = Timeline(stage, rank).install()
-    trainer = Trainer(cfg, model, optimizer, scheduler, num_microbatches, schedule, timeline)
+    trainer = Trainer(cfg, model, optimizer, scheduler, num_microbatches, schedule, timeline,
+                      averager)
     train_it = train_iterator(data.train, cfg.micro_batch_size, dp_rank, dp, num_microbatches,
                               consumed_samples=start_iter * gb) if needs_data else None
     valid = (eval_microbatches(data.valid, cfg.micro_batch_size, dp_rank, dp, num_microbatches,
@@ -174,7 +177,8 @@ def run(cfg: TrainConfig) -> dict:
             if rec["step"] % cfg.log_interval == 0 or rec["step"] == last_step:
                 writer.log({"step": rec["step"], "loss": rec["loss"], "lr": rec["lr"],
                             "grad_norm": rec["grad_norm"], "step_time_s": rec["step_time_s"],
-                            "tokens_per_s": tokens_per_step / rec["step_time_s"]})
+                            "tokens_per_s": tokens_per_step / rec["step_time_s"],
+                            **({"dp_bytes_sent": rec["dp_bytes_sent"]} if averager else {})})
         stats = rec
         pending = []
 
@@ -192,7 +196,10 @@ def run(cfg: TrainConfig) -> dict:
                 train_time += dt
                 timed_steps += 1
             pending.append(record | {"step": step, "step_time_s": dt})
-            if drain or (not asynchronous and step % cfg.log_interval == 0):
+            # Metrics are reduced over the world: only where nothing asynchronous is
+            # lost by it (a drained pipeline; with sparse DP the replicas run freely).
+            if drain or (not asynchronous and averager is None
+                         and step % cfg.log_interval == 0):
                 flush_records()
             elif writer.enabled:
                 writer.progress(step)
@@ -215,9 +222,10 @@ def run(cfg: TrainConfig) -> dict:
 
     pipeline = pipeline_report(cfg, timeline, schedule, rank)
     per_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, (round(peak_rss_mb(), 1), opt_info.as_dict()))
-    rss = [r for r, _ in per_rank]
-    stage_opts = [o for _, o in per_rank]
+    dist.all_gather_object(per_rank, (round(peak_rss_mb(), 1), opt_info.as_dict(),
+                                      averager.stats() if averager is not None else None))
+    rss = [r for r, _, _ in per_rank]
+    stage_opts = [o for _, o, _ in per_rank]
     summary = {
         "final_val_loss": val_history[-1]["val_loss"] if val_history else None,
         "final_train_loss": stats["loss"] if stats else None,
@@ -236,6 +244,9 @@ def run(cfg: TrainConfig) -> dict:
         "optimizer": cfg.optimizer,
         # Per stage: the delay the optimizer was told and what it derived from it.
         "stage_optimizer": {str(o["stage"]): o for o in stage_opts},
+        "dp_averaging": cfg.dp_averaging,
+        # Per rank: what the sparse averaging handed to all-reduce (None: synchronous DP).
+        "dp_averaging_stats": [a for _, _, a in per_rank],
         "pipeline": pipeline["per_rank"],
         "world_size": dist.get_world_size(),
         "launcher": launcher,

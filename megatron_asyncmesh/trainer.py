@@ -101,11 +101,13 @@ class Trainer:
     With ``schedule`` (an ``AsyncPipelineSchedule`` installed by
     ``megatron_asyncmesh.patch``) the loop is unchanged except for
     ``drain=True`` before evaluation / checkpoints, and the optimizer has
-    stage-local gradient statistics (``make_optimizer_stage_local``).
+    stage-local gradient statistics (``make_optimizer_stage_local``). With
+    ``averager`` (``--dp-averaging sparse``) replicas do not all-reduce
+    gradients; the averager runs after each optimizer step.
     """
 
     def __init__(self, cfg: TrainConfig, model, optimizer, scheduler, num_microbatches: int,
-                 schedule=None, timeline=None):
+                 schedule=None, timeline=None, averager=None):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.cfg = cfg
@@ -115,6 +117,7 @@ class Trainer:
         self.num_microbatches = num_microbatches
         self.schedule = schedule
         self.timeline = timeline
+        self.averager = averager
         if schedule is not None:
             schedule.timeline = timeline
         self.forward_backward = get_forward_backward_func()
@@ -137,6 +140,8 @@ class Trainer:
         if not ok:
             raise FloatingPointError("optimizer step skipped: gradients contain inf/nan.")
         self.scheduler.step(increment=self.cfg.global_batch_size)
+        # AsyncMesh: launch this step's sparse average, apply the one now --dp-delay old.
+        sent = self.averager.step() if self.averager is not None else 0
         t_end = time.time()
         if self.timeline is not None:
             self.timeline.add("STEP", t_opt, t_end)
@@ -150,7 +155,7 @@ class Trainer:
         loss_sum, tokens = local_loss(losses)
         return {"loss_sum": loss_sum, "tokens": tokens,
                 "grad_norm_sq": float(grad_norm or 0.0) ** 2,
-                "lr": self.optimizer.param_groups[0]["lr"]}
+                "lr": self.optimizer.param_groups[0]["lr"], "dp_bytes_sent": sent}
 
     @torch.no_grad()
     def evaluate(self, batches: Optional[List[dict]], eval_iters: int) -> float:

@@ -1,0 +1,1 @@
+"""AsyncMesh data axis: asynchronous sparse parameter averaging between replicas."""

@@ -1,0 +1,121 @@
+"""AsyncMesh on Megatron-core: independent replicas, sparse averaging after each step.
+
+Two changes to a Megatron training loop, both here:
+
+1. :func:`replica_process_groups`: Megatron's ``DistributedDataParallel`` is
+   built with a ``ProcessGroupCollection`` whose data-parallel group is this
+   rank alone. Its gradient all-reduce becomes a no-op and its gradient
+   scaling 1 (each replica's gradient is the mean over its own tokens); the
+   pipeline groups are Megatron's. Nothing else in Megatron changes.
+2. :func:`build_averager`: a :class:`SparseAverager` over the stage's real
+   data-parallel group (``parallel_state.get_data_parallel_group()``), on the
+   optimizer's main parameters (fp32 masters under bf16, the model's own
+   parameters in fp32), keyed by layout-independent parameter names so every
+   pipeline layout selects the same coordinates. The trainer calls its
+   ``step()`` right after each stage's optimizer step, in every pipeline mode.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from megatron_asyncmesh.config import ConfigError, TrainConfig
+from megatron_asyncmesh.dataparallel.averaging import AveragingConfig, AveragingError, \
+    SparseAverager
+
+
+def averaging_config(cfg: TrainConfig) -> Optional[AveragingConfig]:
+    """The AveragingConfig of ``--dp-averaging sparse`` (None for synchronous DP)."""
+    if cfg.dp_averaging != "sparse":
+        return None
+    try:
+        return AveragingConfig(
+            fraction=cfg.dp_fraction, delay=cfg.dp_delay, correction=cfg.dp_correction,
+            selector=cfg.dp_selector, lam=cfg.dp_lambda,
+            seed=cfg.seed if cfg.dp_seed is None else cfg.dp_seed,
+            ema_start=cfg.dp_ema_start, ema_anneal_iters=cfg.dp_ema_anneal_iters,
+            train_iters=cfg.train_iters).validate()
+    except AveragingError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+_singleton_groups: dict = {}
+
+
+def replica_process_groups():
+    """Megatron ProcessGroupCollection with a one-rank data-parallel group.
+
+    Every rank takes part in creating every one-rank group (torch requires
+    it), once per process.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    if "mine" not in _singleton_groups:
+        mine, _ = dist.new_subgroups(group_size=1)
+        _singleton_groups["mine"] = mine
+    alone = _singleton_groups["mine"]
+    return ProcessGroupCollection(
+        dp=alone, dp_cp=alone, expt_dp=alone,
+        tp=parallel_state.get_tensor_model_parallel_group(),
+        pp=parallel_state.get_pipeline_model_parallel_group(),
+        ep=parallel_state.get_expert_model_parallel_group())
+
+
+def _leaf_optimizers(optimizer) -> list:
+    inner = getattr(optimizer, "optimizer", None)
+    if hasattr(optimizer, "chained_optimizers"):
+        return [leaf for o in optimizer.chained_optimizers for leaf in _leaf_optimizers(o)]
+    if inner is not None and not isinstance(inner, torch.optim.Optimizer):
+        return _leaf_optimizers(inner)          # wrappers (error feedback) around Megatron's
+    return [optimizer]
+
+
+def main_parameters(model, optimizer) -> Tuple[List[Tuple[str, torch.Tensor]], list]:
+    """``(global name, main parameter)`` of every trainable parameter of this
+    stage, plus the mixed-precision optimizers whose model copies must be
+    refreshed after main parameters change."""
+    from megatron_asyncmesh.model import global_parameter_names
+
+    module = model.module if hasattr(model, "module") else model
+    names = global_parameter_names(module)
+    by_id = {id(p): names[n] for n, p in module.named_parameters() if p.requires_grad}
+    main_of, refresh = {}, []
+    for leaf in _leaf_optimizers(optimizer):
+        if hasattr(leaf, "float16_groups"):
+            for model_group, main_group in zip(leaf.float16_groups,
+                                               leaf.fp32_from_float16_groups):
+                for mp, main in zip(model_group, main_group):
+                    main_of[id(mp)] = main
+            refresh.append(leaf)
+    out = []
+    for n, p in module.named_parameters():
+        if p.requires_grad:
+            out.append((by_id[id(p)], main_of.get(id(p), p)))
+    return out, refresh
+
+
+def build_averager(cfg: TrainConfig, model, optimizer) -> Optional[SparseAverager]:
+    """The stage's averager over its data-parallel group (None without sparse DP)."""
+    acfg = averaging_config(cfg)
+    if acfg is None:
+        return None
+    import deepspeed.comm as dscomm
+    from megatron.core import parallel_state
+
+    if not dscomm.is_initialized():
+        dscomm.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
+    params, refresh = main_parameters(model, optimizer)
+
+    def after_apply() -> None:
+        for leaf in refresh:
+            leaf._copy_main_params_to_model_params()
+
+    try:
+        return SparseAverager(params, acfg, group=parallel_state.get_data_parallel_group(),
+                              comm=dscomm, after_apply=after_apply if refresh else None)
+    except AveragingError as exc:
+        raise ConfigError(str(exc)) from None
