@@ -1,0 +1,249 @@
+"""AsyncMesh data axis: selectors, exactness against a single-process replay,
+byte accounting, the Megatron integration against Megatron's own synchronous
+data parallelism, the full PP x DP mesh, bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from megatron_asyncmesh.dataparallel.averaging import (
+    AveragingConfig, AveragingError, BernoulliSelector, PartitionSelector,
+    expected_elements_per_step, make_selector)
+from tests.dp_worker import make_model, train_step
+from tests.harness import REPO, launch, read_metrics, read_summary, train
+
+NUMELS = [1, 7, 100, 1001]
+KEYS = ["a", "b", "c", "d"]
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.3, 1.0])
+def test_partition_covers_every_coordinate_once_per_cycle(fraction):
+    sel = PartitionSelector(KEYS, NUMELS, fraction, seed=3)
+    groups = sel.groups
+    assert groups == {0.05: 20, 0.3: 4, 1.0: 1}[fraction]
+    for cycle in range(2):
+        seen = [torch.zeros(n, dtype=torch.long) for n in NUMELS]
+        for step in range(cycle * groups, (cycle + 1) * groups):
+            idx = sel.indices(step)
+            assert sum(i.numel() for i in idx) == expected_elements_per_step(NUMELS, fraction,
+                                                                             step)
+            for s, i in zip(seen, idx):
+                s[i.long()] += 1
+        for s in seen:
+            assert bool((s == 1).all())          # exactly once in the cycle
+    first, second = sel.indices(0), sel.indices(groups)   # a new permutation per cycle
+    if fraction < 1:
+        assert not torch.equal(first[3], second[3])
+
+
+def test_selectors_are_shared_by_seed_and_differ_per_tensor():
+    a = PartitionSelector(KEYS, NUMELS, 0.05, seed=3)
+    b = PartitionSelector(KEYS, NUMELS, 0.05, seed=3)
+    c = PartitionSelector(KEYS, NUMELS, 0.05, seed=4)
+    for step in (0, 5, 21):
+        assert all(torch.equal(x, y) for x, y in zip(a.indices(step), b.indices(step)))
+    assert not torch.equal(a.indices(0)[3], c.indices(0)[3])
+    bern = BernoulliSelector(["w"], [200_000], 0.05, seed=1)
+    counts = [bern.indices(step)[0].numel() / 200_000 for step in range(3)]
+    assert all(abs(c - 0.05) < 0.003 for c in counts)      # 6 sigma ~ 0.003
+    assert not torch.equal(bern.indices(0)[0], bern.indices(1)[0])
+
+
+def test_ema_momentum_schedule():
+    cfg = AveragingConfig(ema_start=10, ema_anneal_iters=20)
+    assert cfg.momentum(0) == cfg.momentum(10) == 0.5
+    assert abs(cfg.momentum(20) - 0.745) < 1e-12          # half-way: the mean
+    assert cfg.momentum(30) == cfg.momentum(99) == 0.99
+
+
+def simulate(case: dict, steps: int, world: int = 2):
+    """Single-process replay of ``world`` replicas: same models, data, AdamW,
+    selector, delay and correction as tests/dp_worker.py, with the averaging
+    written out densely per tensor from ALGORITHMS.md section 3."""
+    cfg = AveragingConfig(**case)
+    models = [make_model() for _ in range(world)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=0.05) for m in models]
+    params = [list(m.parameters()) for m in models]
+    keys = [n for n, _ in models[0].named_parameters()]
+    selector = make_selector(cfg, keys, [p.numel() for p in params[0]])
+    ema = [[torch.zeros(p.numel()) for p in params[0]] for _ in range(world)]
+    seen = [[torch.zeros(p.numel(), dtype=torch.bool) for p in params[0]] for _ in range(world)]
+    queue = []
+    for t in range(steps):
+        for r in range(world):
+            train_step(models[r], opts[r], r, t)
+        idx = selector.indices(t)
+        queue.append((t, idx, [[p.detach().view(-1)[i].clone() for p, i in zip(params[r], idx)]
+                               for r in range(world)]))
+        while queue and queue[0][0] + cfg.delay <= t:
+            _, idx0, snaps = queue.pop(0)
+            m = cfg.momentum(t)
+            for j, i in enumerate(idx0):
+                total = snaps[0][j].clone()
+                for r in range(1, world):
+                    total = total + snaps[r][j]
+                average = total / world
+                for r in range(world):
+                    flat = params[r][j].data.view(-1)
+                    drift = flat[i] - snaps[r][j]
+                    if cfg.correction == "avg":
+                        new = average
+                    elif cfg.correction == "drift":
+                        new = average + cfg.lam * drift
+                    else:
+                        old = ema[r][j][i]
+                        e = torch.where(seen[r][j][i], m * old + (1 - m) * drift, drift)
+                        ema[r][j][i] = e
+                        seen[r][j][i] = True
+                        new = average + cfg.lam * e
+                    flat[i] = new
+    return [[p.detach() for p in ps] for ps in params]
+
+
+CASES = [
+    {"fraction": 1.0, "delay": 0, "correction": "avg"},
+    {"fraction": 0.3, "delay": 0, "correction": "avg"},                      # SPARTA
+    {"fraction": 0.3, "delay": 3, "correction": "avg"},
+    {"fraction": 0.25, "delay": 2, "correction": "drift", "lam": 0.5},
+    {"fraction": 0.3, "delay": 3, "correction": "ema", "ema_start": 4, "ema_anneal_iters": 5},
+    {"fraction": 0.2, "delay": 2, "correction": "ema", "selector": "bernoulli"},
+]
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def distributed_cases(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dp") / "cases.json")
+    launch([os.path.join(REPO, "tests", "dp_worker.py"), "--out", out, "--cases",
+            json.dumps(CASES), "--steps", str(STEPS)], nproc=2, timeout=240)
+    with open(out) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("k", range(len(CASES)))
+def test_distributed_equals_single_process_replay(distributed_cases, k):
+    """Two gloo ranks with deepspeed.comm's async all-reduce end bitwise where the
+    single-process replay of the same replicas ends."""
+    res = distributed_cases[k]
+    assert res["case"] == CASES[k]
+    expected = simulate(CASES[k], STEPS)
+    start = [p.detach() for p in make_model().parameters()]
+    for r, got in enumerate(res["ranks"]):
+        for p_got, p_ref, p0 in zip(got["params"], expected[r], start):
+            p_got = torch.tensor(p_got)
+            assert torch.equal(p_got, p_ref), (r, (p_got - p_ref).abs().max())
+            assert (p_got - p0).abs().max() > 1e-2           # it trained
+    if CASES[k]["fraction"] == 1.0 and CASES[k]["delay"] == 0:
+        # Plain parameter averaging: both replicas hold the same mean every step.
+        assert res["ranks"][0]["params"] == res["ranks"][1]["params"]
+    else:
+        assert res["ranks"][0]["params"] != res["ranks"][1]["params"]
+
+
+def test_dense_averaging_is_the_parameter_mean():
+    """p = 1, tau = 0: after each step every replica holds mean_r(W_r) (written here
+    without selector or queue)."""
+    models = [make_model() for _ in range(2)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=0.05) for m in models]
+    for t in range(STEPS):
+        for r in range(2):
+            train_step(models[r], opts[r], r, t)
+        with torch.no_grad():
+            for pa, pb in zip(models[0].parameters(), models[1].parameters()):
+                mean = (pa + pb) / 2
+                pa.copy_(mean)
+                pb.copy_(mean)
+    replay = simulate(CASES[0], STEPS)
+    for p, q in zip(models[0].parameters(), replay[0]):
+        assert torch.equal(p.detach(), q)
+
+
+def test_bytes_per_step_match_the_selection_and_the_comms_logger(distributed_cases):
+    model = make_model()
+    numels = [p.numel() for p in model.parameters()]
+    for res, case in zip(distributed_cases, CASES):
+        for rank in res["ranks"]:
+            assert rank["comms_logger_bytes"] == rank["bytes_sent"] == sum(rank["bytes_per_step"])
+            if case.get("selector", "partition") == "partition":
+                assert rank["bytes_per_step"] == [
+                    4 * expected_elements_per_step(numels, case["fraction"], t)
+                    for t in range(STEPS)]
+
+
+def test_replicas_disagreeing_on_the_seed_fail_on_every_rank(tmp_path):
+    res = launch([os.path.join(REPO, "tests", "dp_worker.py"), "--out", str(tmp_path / "x"),
+                  "--bad-seed"], nproc=2, timeout=120, check=False)
+    assert res.returncode != 0
+    assert "replicas disagree" in res.output and "--dp-seed" in res.output
+    assert res.output.count("AveragingError") >= 2                 # both ranks, no hang
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--dp-fraction", "0"], "--dp-fraction must be in (0, 1]"),
+    (["--dp-fraction", "1.5"], "--dp-fraction must be in (0, 1]"),
+    (["--dp-delay", "-1"], "--dp-delay must be an integer >= 0"),
+    (["--use-distributed-optimizer"], "cannot be combined with --use-distributed-optimizer"),
+    (["--optimizer", "muon", "--use-layer-wise-distributed-optimizer"],
+     "cannot be combined with --use-layer-wise-distributed-optimizer"),
+])
+def test_bad_averaging_flags(flags, message):
+    from megatron_asyncmesh.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as exc:
+        parse_config(["--dp-averaging", "sparse", *flags])
+    assert message in str(exc.value)
+
+
+SGD = ["--optimizer", "sgd", "--sgd-momentum", "0.9", "--clip-grad", "0", "--lr", "0.05",
+       "--train-iters", "6", "--eval-interval", "3"]
+
+
+def test_dense_averaging_equals_megatron_data_parallel(tmp_path, data_args):
+    """SGD with momentum is linear in the gradient, so averaging the parameters of
+    two independent replicas after every step (p = 1, tau = 0) is the same
+    training as Megatron's gradient all-reduce (DDP), up to rounding. The loss is
+    checked at every step; sparse averaging (p = 0.05) must differ."""
+    runs = {}
+    for name, extra in (("sync", []),
+                        ("dense", ["--dp-averaging", "sparse", "--dp-fraction", "1",
+                                   "--dp-delay", "0", "--dp-correction", "avg"]),
+                        ("sparse", ["--dp-averaging", "sparse", "--dp-delay", "2"])):
+        run_dir = str(tmp_path / name)
+        train(run_dir, nproc=2, args=[*SGD, *extra, *data_args])
+        train_rows, val_rows = read_metrics(run_dir)
+        runs[name] = ([r["loss"] for r in train_rows], [r["val_loss"] for r in val_rows],
+                      read_summary(run_dir))
+    sync, dense, sparse = runs["sync"], runs["dense"], runs["sparse"]
+    assert len(sync[0]) == 6
+    for a, b in zip(sync[0] + sync[1], dense[0] + dense[1]):
+        assert abs(a - b) < 1e-5, (sync, dense)
+    assert max(abs(a - b) for a, b in zip(sync[0][2:], sparse[0][2:])) > 1e-4
+    assert sync[2]["dp_averaging_stats"] == [None, None]
+    stats = dense[2]["dp_averaging_stats"]
+    assert stats[0]["bytes_sent"] == stats[1]["bytes_sent"] > 0
+    sparse_stats = sparse[2]["dp_averaging_stats"][0]
+    assert abs(sparse_stats["bytes_sent"] / stats[0]["bytes_sent"] - 0.05) < 0.001
+
+
+def test_full_mesh_2bw_nadamw_sparse_ema_through_deepspeed_launcher(tmp_path, data_args):
+    """PP = 2 x DP = 2, no pipeline flush, no gradient all-reduce: the asynchronous
+    mesh trains end to end from the training entry point under `deepspeed`."""
+    run_dir = str(tmp_path / "mesh")
+    train(run_dir, nproc=4, launcher="deepspeed", args=[
+        "--pipeline-model-parallel-size", "2", "--pipeline-schedule", "2bw",
+        "--untie-embeddings-and-output-weights", "--optimizer", "nadamw",
+        "--dp-averaging", "sparse", "--dp-fraction", "0.1", "--dp-delay", "2",
+        "--dp-correction", "ema", "--dp-ema-start", "4", "--train-iters", "12",
+        "--eval-interval", "6", *data_args], timeout=300)
+    s = read_summary(run_dir)
+    assert s["launcher"] == "env" and s["world_size"] == 4
+    assert s["pipeline_schedule"] == "2bw" and s["data_parallel_size"] == 2
+    history = [h["val_loss"] for h in s["val_loss_history"]]
+    assert history[-1] < history[0] - 0.3, history
+    stats = s["dp_averaging_stats"]
+    assert all(st["steps"] == 12 and st["replicas"] == 2 for st in stats)
+    # Replicas of one stage send the same number of bytes; stages differ.
+    by_rank = [st["bytes_sent"] for st in stats]
+    assert sorted(by_rank)[0] == sorted(by_rank)[1] and sorted(by_rank)[2] == sorted(by_rank)[3]
