@@ -200,25 +200,44 @@ SGD = ["--optimizer", "sgd", "--sgd-momentum", "0.9", "--clip-grad", "0", "--lr"
        "--train-iters", "6", "--eval-interval", "3"]
 
 
-def test_dense_averaging_equals_megatron_data_parallel(tmp_path, data_args):
+DENSE = ["--dp-averaging", "sparse", "--dp-fraction", "1", "--dp-delay", "0",
+         "--dp-correction", "avg"]
+
+
+def _losses(run_dir):
+    train_rows, val_rows = read_metrics(run_dir)
+    return ([r["loss"] for r in train_rows], [r["val_loss"] for r in val_rows],
+            read_summary(run_dir))
+
+
+@pytest.fixture(scope="module")
+def megatron_sync(tmp_path_factory, tiny_data):
+    """Megatron's own synchronous data parallelism (DDP gradient all-reduce), DP = 2."""
+    run_dir = str(tmp_path_factory.mktemp("sync") / "sync")
+    train(run_dir, nproc=2, args=[*SGD, "--data-path", tiny_data["data_path"],
+                                  "--tokenizer-model", tiny_data["tokenizer_model"]])
+    return _losses(run_dir)
+
+
+def _close(a, b, tol=1e-5):
+    assert len(a[0]) == len(b[0]) == 6 and len(a[1]) == len(b[1]) == 3
+    for x, y in zip(a[0] + a[1], b[0] + b[1]):
+        assert abs(x - y) < tol, (a[:2], b[:2])
+
+
+def test_dense_averaging_equals_megatron_data_parallel(tmp_path, data_args, megatron_sync):
     """SGD with momentum is linear in the gradient, so averaging the parameters of
     two independent replicas after every step (p = 1, tau = 0) is the same
     training as Megatron's gradient all-reduce (DDP), up to rounding. The loss is
     checked at every step; sparse averaging (p = 0.05) must differ."""
-    runs = {}
-    for name, extra in (("sync", []),
-                        ("dense", ["--dp-averaging", "sparse", "--dp-fraction", "1",
-                                   "--dp-delay", "0", "--dp-correction", "avg"]),
+    runs = {"sync": megatron_sync}
+    for name, extra in (("dense", DENSE),
                         ("sparse", ["--dp-averaging", "sparse", "--dp-delay", "2"])):
         run_dir = str(tmp_path / name)
         train(run_dir, nproc=2, args=[*SGD, *extra, *data_args])
-        train_rows, val_rows = read_metrics(run_dir)
-        runs[name] = ([r["loss"] for r in train_rows], [r["val_loss"] for r in val_rows],
-                      read_summary(run_dir))
+        runs[name] = _losses(run_dir)
     sync, dense, sparse = runs["sync"], runs["dense"], runs["sparse"]
-    assert len(sync[0]) == 6
-    for a, b in zip(sync[0] + sync[1], dense[0] + dense[1]):
-        assert abs(a - b) < 1e-5, (sync, dense)
+    _close(sync, dense)
     assert max(abs(a - b) for a, b in zip(sync[0][2:], sparse[0][2:])) > 1e-4
     assert sync[2]["dp_averaging_stats"] == [None, None]
     stats = dense[2]["dp_averaging_stats"]
@@ -247,3 +266,46 @@ def test_full_mesh_2bw_nadamw_sparse_ema_through_deepspeed_launcher(tmp_path, da
     # Replicas of one stage send the same number of bytes; stages differ.
     by_rank = [st["bytes_sent"] for st in stats]
     assert sorted(by_rank)[0] == sorted(by_rank)[1] and sorted(by_rank)[2] == sorted(by_rank)[3]
+
+
+def _deepspeed_run(tmp_path, name, data_args, *extra, launcher="torchrun"):
+    run_dir = str(tmp_path / name)
+    launch(["-m", "megatron_asyncmesh.train_deepspeed", "--config",
+            os.path.join(REPO, "launch", "configs", "tiny.yaml"), "--run-dir", run_dir,
+            "--no-progress", *SGD, *extra, *data_args], nproc=2, launcher=launcher,
+           timeout=240)
+    return _losses(run_dir)
+
+
+def test_zero3_baseline_is_megatron_data_parallel(tmp_path, data_args, megatron_sync):
+    """The ZeRO baseline trains the same GPT on the same samples: DeepSpeed ZeRO-3
+    (deepspeed.initialize, its own partitioning) matches Megatron's DDP step by step;
+    the comms logger saw ZeRO-3's reduce-scatter and all-gather."""
+    zero3 = _deepspeed_run(tmp_path, "zero3", data_args, "--zero-stage", "3")
+    _close(megatron_sync, zero3)
+    ops = zero3[2]["per_rank"][0]["comm_bytes_by_op"]
+    params = zero3[2]["parameters"]
+    assert ops["reduce_scatter_tensor"] >= 6 * 4 * params * 0.99     # every step's gradients
+
+
+def test_deepspeed_engine_with_sparse_averaging_hook(tmp_path, data_args, megatron_sync):
+    """AsyncMesh plugged into a DeepSpeed engine (ZeRO-0, backward all-reduce off,
+    averaging after engine.step()): dense averaging equals Megatron's synchronous
+    DP; the engine sent only the averaging's all-reduces."""
+    dense = _deepspeed_run(tmp_path, "ds_dense", data_args, "--zero-stage", "0", *DENSE,
+                           launcher="deepspeed")
+    _close(megatron_sync, dense)
+    s = dense[2]
+    stats = s["dp_averaging_stats"][0]
+    assert stats["bytes_per_step"] == 4 * s["parameters"]
+    rank0 = s["per_rank"][0]["comm_bytes_by_op"]
+    # 6 steps of averaging plus DeepSpeed's one-off broadcast of the initial weights.
+    assert rank0["all_reduce"] == 6 * 4 * s["parameters"] == stats["bytes_sent"]
+
+
+def test_sparse_averaging_refuses_zero2(capsys):
+    from megatron_asyncmesh import train_deepspeed
+
+    assert train_deepspeed.main(["--zero-stage", "2", "--dp-averaging", "sparse"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be combined with --zero-stage 2" in err and "--zero-stage 0 or 1" in err

@@ -1,0 +1,135 @@
+"""AsyncMesh for DeepSpeed users: sparse averaging plugged into a DeepSpeed engine.
+
+DeepSpeed 0.19.8 has no gradient-communication hook (1-bit Adam, which had the
+pattern, is gone). The pattern it used is kept: the engine's backward
+all-reduce across replicas is switched off (``engine.enable_backward_allreduce
+= False`` under ZeRO-0; a one-rank data-parallel group under ZeRO-1) and
+the communication runs after the optimizer step, here as a wrapper around
+``engine.step()`` that calls :meth:`SparseAverager.step` whenever the engine
+applied an optimizer step (``engine.was_step_applied()``)::
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg,
+                                      mpu=ReplicaMPU())         # ZeRO-1 only
+    averager = attach_sparse_averaging(engine, AveragingConfig(fraction=0.05, delay=10))
+    ...
+    engine.backward(loss); engine.step()       # averaging happens inside step()
+
+ZeRO stages:
+
+- 0: every rank holds the whole model; the averager works on the module's
+  parameters (fp32 training).
+- 1: optimizer states are sharded over DeepSpeed's data-parallel group. The
+  replicas sparse averaging keeps apart would then each update only a slice
+  of the model, so the engine must be built with ``mpu=ReplicaMPU()``: its
+  data-parallel group is the replica (this rank). The averager works on
+  ZeRO-1's fp32 master partition (one flat tensor per parameter group) and
+  copies it into the module's weights afterwards, so bf16 works too. The
+  engine's gradient "all-reduce" stays on there: it is how ZeRO-1 fills its
+  partition's gradients, and over a one-rank group it sends nothing.
+- 2 and 3 are refused: ZeRO-2 reduce-scatters gradients from backward hooks
+  inside its optimizer, which ``enable_backward_allreduce`` does not switch
+  off, and each rank keeps only its slice of the gradient; ZeRO-3 also keeps
+  only a slice of every parameter, so there are no whole replicas to
+  average. Both assume the synchronous gradient exchange AsyncMesh removes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_asyncmesh.dataparallel.averaging import AveragingConfig, AveragingError, \
+    SparseAverager
+
+
+class ReplicaMPU:
+    """DeepSpeed ``mpu`` whose data-parallel and model-parallel groups are this rank
+    alone: a replica is one process; ZeRO-1 then shards inside it (trivially)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.group, _ = dist.new_subgroups(group_size=1)
+        self.rank = dist.get_rank()
+
+    def get_data_parallel_group(self):
+        return self.group
+
+    def get_data_parallel_group_ranks(self):
+        return [self.rank]
+
+    def get_data_parallel_world_size(self):
+        return 1
+
+    def get_data_parallel_rank(self):
+        return 0
+
+    get_model_parallel_group = get_tensor_model_parallel_group = get_data_parallel_group
+    get_model_parallel_world_size = get_data_parallel_world_size
+    get_model_parallel_rank = get_tensor_model_parallel_rank = get_data_parallel_rank
+
+    def get_tensor_model_parallel_src_rank(self):
+        return self.rank
+
+
+def _engine_parameters(engine, names: Optional[dict]):
+    """``(params, after_apply)``: what the averager reads and writes for this ZeRO stage."""
+    stage = engine.zero_optimization_stage()
+    if stage == 0:
+        if engine.bfloat16_enabled() or engine.fp16_enabled():
+            raise AveragingError(
+                "sparse averaging with ZeRO stage 0 needs fp32 training (the fp32 master "
+                "weights of bf16/fp16 live inside DeepSpeed's optimizer); use ZeRO stage 1 "
+                "with mpu=ReplicaMPU() for bf16/fp16.")
+        module = engine.module
+        names = names or {n: n for n, _ in module.named_parameters()}
+        return [(names[n], p) for n, p in module.named_parameters() if p.requires_grad], None
+    opt = engine.optimizer
+    if engine.dp_world_size != 1:
+        raise AveragingError(
+            f"sparse averaging with ZeRO stage 1 needs the engine's data-parallel group to be "
+            f"the replica (got {engine.dp_world_size} ranks): ZeRO-1 would shard the optimizer "
+            f"state over the replicas that averaging keeps independent. Build the engine with "
+            f"deepspeed.initialize(..., mpu=ReplicaMPU()).")
+    masters = opt.single_partition_of_fp32_groups
+    params = [(f"zero1.group{i}", m) for i, m in enumerate(masters)]
+
+    def after_apply() -> None:
+        with torch.no_grad():
+            for flat, master in zip(opt.bit16_groups_flat, masters):
+                flat[:master.numel()].copy_(master.to(flat.dtype))
+
+    return params, after_apply
+
+
+def attach_sparse_averaging(engine, cfg: AveragingConfig, group=None,
+                            names: Optional[dict] = None) -> SparseAverager:
+    """Switch ``engine``'s gradient all-reduce off and average after each optimizer
+    step over ``group`` (default: the world, one replica per rank)."""
+    import deepspeed.comm as dscomm
+
+    stage = engine.zero_optimization_stage()
+    if stage >= 2:
+        raise AveragingError(
+            f"sparse averaging cannot be combined with ZeRO stage {stage}: ZeRO-2 reduce-"
+            f"scatters gradients from backward hooks that enable_backward_allreduce does not "
+            f"switch off and keeps only a slice of each gradient; ZeRO-3 keeps only a slice of "
+            f"each parameter. Use ZeRO stage 0 or 1 (with mpu=ReplicaMPU()).")
+    params, after_apply = _engine_parameters(engine, names)
+    averager = SparseAverager(params, cfg, group=group, comm=dscomm, after_apply=after_apply)
+    if stage == 0:
+        engine.enable_backward_allreduce = False
+    # ZeRO-1 moves gradients into its fp32 partition inside that "all-reduce"; over the
+    # one-rank replica group (ReplicaMPU) it is bookkeeping only and sends nothing.
+    step = engine.step
+
+    def step_then_average(*args, **kwargs):
+        out = step(*args, **kwargs)
+        if engine.was_step_applied():
+            averager.step()
+        return out
+
+    engine.step = step_then_average
+    engine.sparse_averager = averager
+    return averager
