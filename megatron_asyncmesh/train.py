@@ -222,10 +222,14 @@ def run(cfg: TrainConfig) -> dict:
 
     pipeline = pipeline_report(cfg, timeline, schedule, rank)
     per_rank = [None] * dist.get_world_size()
+    # Megatron's DDP all-reduces this rank's whole fp32 gradient buffer every step.
+    grad_bytes = (4 * sum(p.numel() for p in model.parameters())
+                  if averager is None and dp > 1 else 0)
     dist.all_gather_object(per_rank, (round(peak_rss_mb(), 1), opt_info.as_dict(),
-                                      averager.stats() if averager is not None else None))
-    rss = [r for r, _, _ in per_rank]
-    stage_opts = [o for _, o, _ in per_rank]
+                                      averager.stats() if averager is not None else None,
+                                      grad_bytes))
+    rss = [r[0] for r in per_rank]
+    stage_opts = [r[1] for r in per_rank]
     summary = {
         "final_val_loss": val_history[-1]["val_loss"] if val_history else None,
         "final_train_loss": stats["loss"] if stats else None,
@@ -246,7 +250,8 @@ def run(cfg: TrainConfig) -> dict:
         "stage_optimizer": {str(o["stage"]): o for o in stage_opts},
         "dp_averaging": cfg.dp_averaging,
         # Per rank: what the sparse averaging handed to all-reduce (None: synchronous DP).
-        "dp_averaging_stats": [a for _, _, a in per_rank],
+        "dp_averaging_stats": [r[2] for r in per_rank],
+        "grad_all_reduce_bytes_per_step": [r[3] for r in per_rank],
         "pipeline": pipeline["per_rank"],
         "world_size": dist.get_world_size(),
         "launcher": launcher,
