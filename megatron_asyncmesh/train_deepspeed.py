@@ -192,13 +192,16 @@ def run(cfg: TrainConfig, zero_stage: int) -> dict:
             val_history.append({"step": step, "val_loss": val})
             writer.log({"step": step, "val_loss": val})
 
+    last_loss = None
+
     def flush():
         # One all-reduce for the steps since the last one (no per-step sync point).
-        nonlocal pending
+        nonlocal pending, last_loss
         if pending:
             sums = all_mean([v for rec in pending for v in rec[1:3]])
             for i, (step, _, _, dt, lr) in enumerate(pending):
-                writer.log({"step": step, "loss": sums[2 * i] / max(sums[2 * i + 1], 1.0),
+                last_loss = sums[2 * i] / max(sums[2 * i + 1], 1.0)
+                writer.log({"step": step, "loss": last_loss,
                             "lr": lr, "step_time_s": dt,
                             "tokens_per_s": tokens_per_step / dt})
             pending = []
@@ -238,7 +241,7 @@ def run(cfg: TrainConfig, zero_stage: int) -> dict:
     summary = {
         "engine": "deepspeed", "zero_stage": zero_stage, "dp_averaging": cfg.dp_averaging,
         "final_val_loss": val_history[-1]["val_loss"] if val_history else None,
-        "val_loss_history": val_history,
+        "val_loss_history": val_history, "final_train_loss": last_loss,
         "tokens_per_s": tokens_per_step * timed / train_time if train_time else None,
         "steady_tokens_per_s": tokens_per_step * timed / train_time if train_time else None,
         "train_iters": cfg.train_iters, "data_parallel_size": dp,
