@@ -59,11 +59,34 @@ def _versions(cfg: TrainConfig, model, model_sd, iteration: int,
     return out
 
 
+def _per_replica(state: dict) -> None:
+    """Independent data-parallel replicas (``--dp-averaging sparse``) hold different
+    weights and optimizer states; Megatron's sharded state dicts assume identical
+    replicas and let data-parallel rank 0 write for all. Every sharded entry gets
+    the replica in its key and is written by its own replica."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    replica = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+
+    def own(value):
+        if isinstance(value, ShardedBase):
+            value.key = f"replica{replica}.{value.key}"
+            rid = value.replica_id
+            value.replica_id = (*rid[:-1], 0) if isinstance(rid, tuple) else 0
+        return value
+
+    dict_list_map_inplace(own, state)
+
+
 def _state(model, optimizer, scheduler, iteration: int, is_loading: bool,
            cfg: Optional[TrainConfig] = None, held: Optional[Dict[int, List]] = None,
-           num_microbatches: Optional[int] = None) -> dict:
+           num_microbatches: Optional[int] = None, averager=None) -> dict:
     """``cfg`` is given for a no-flush pipeline: its schedule and weight versions are
-    part of the checkpoint (see :func:`_versions` for ``held`` / ``num_microbatches``)."""
+    part of the checkpoint (see :func:`_versions` for ``held`` / ``num_microbatches``).
+    ``averager``: sparse data-parallel averaging, whose pending averages and drift EMA
+    are saved, and every replica's state under its own keys."""
     from megatron_asyncmesh.optim.soap import factor_sharded_state
 
     # The unwrapped GPTModel: its keys are the model's own (no DDP "module." prefix).
@@ -82,13 +105,24 @@ def _state(model, optimizer, scheduler, iteration: int, is_loading: bool,
         weights = _versions(cfg, model, model_sd, iteration, held, num_microbatches)
         if weights:
             state["pipeline_weight_versions"] = weights
+    if averager is not None:
+        from megatron.core import parallel_state
+
+        from megatron_asyncmesh.sharding import standalone
+
+        stage = parallel_state.get_pipeline_model_parallel_rank()
+        tensors = averager.state_template(iteration) if is_loading else averager.state_dict()
+        state["dp_averaging"] = {k: standalone(f"dp_averaging.stage{stage}.{k}", t, 0)
+                                 for k, t in tensors.items()}
+        state["dp_averaging_mode"] = "sparse"
+        _per_replica(state)
     return state
 
 
 def save(cfg: TrainConfig, model, optimizer, scheduler, iteration: int,
-         schedule=None) -> str:
+         schedule=None, averager=None) -> str:
     """``schedule``: the asynchronous pipeline (drained), whose older weight versions
-    are saved too."""
+    are saved too; ``averager``: sparse data-parallel averaging (see :func:`_state`)."""
     from megatron.core import dist_checkpointing
 
     final = _iter_dir(cfg.save, iteration)
@@ -100,8 +134,8 @@ def save(cfg: TrainConfig, model, optimizer, scheduler, iteration: int,
         os.makedirs(partial)
     dist.barrier()
     pipeline = dict(cfg=cfg, held=schedule.held_versions()) if schedule is not None else {}
-    dist_checkpointing.save(_state(model, optimizer, scheduler, iteration, False, **pipeline),
-                            partial)
+    dist_checkpointing.save(_state(model, optimizer, scheduler, iteration, False,
+                                   averager=averager, **pipeline), partial)
     dist.barrier()
     if dist.get_rank() == 0:
         if os.path.exists(final):
@@ -116,7 +150,7 @@ def save(cfg: TrainConfig, model, optimizer, scheduler, iteration: int,
 
 
 def load(cfg: TrainConfig, model, optimizer, scheduler,
-         num_microbatches: Optional[int] = None) -> Tuple[int, Dict[int, List]]:
+         num_microbatches: Optional[int] = None, averager=None) -> Tuple[int, Dict[int, List]]:
     """Load the latest checkpoint under ``--load``; return its iteration and, for a
     no-flush pipeline, the older weight versions to hand to the schedule
     (``schedule.restore_versions``)."""
@@ -130,8 +164,17 @@ def load(cfg: TrainConfig, model, optimizer, scheduler,
         iteration = int(f.read().strip())
     path = _iter_dir(cfg.load, iteration)
     pipeline = {}
+    common = dist_checkpointing.load_common_state_dict(path)
+    saved_dp = common.get("dp_averaging_mode", "none")
+    if saved_dp != cfg.dp_averaging and iteration > 0:
+        raise ConfigError(
+            f"--load {cfg.load!r}: iteration {iteration} was saved by a --dp-averaging "
+            f"{saved_dp} run and this one is --dp-averaging {cfg.dp_averaging}: "
+            + ("sparse runs save one state per replica." if saved_dp == "sparse" else
+               "synchronous runs save one state for all replicas, without pending averages.")
+            + f" Resume with --dp-averaging {saved_dp}.")
     if cfg.pipeline_schedule != "flush":
-        saved = dist_checkpointing.load_common_state_dict(path).get("pipeline_schedule", "flush")
+        saved = common.get("pipeline_schedule", "flush")
         if saved != cfg.pipeline_schedule and iteration > 0:
             raise ConfigError(
                 f"--load {cfg.load!r}: iteration {iteration} was saved by a "
@@ -141,7 +184,10 @@ def load(cfg: TrainConfig, model, optimizer, scheduler,
                 f"of a {cfg.pipeline_schedule} run.")
         pipeline = dict(cfg=cfg, num_microbatches=num_microbatches)
     state = dist_checkpointing.load(
-        _state(model, optimizer, scheduler, iteration, True, **pipeline), path)
+        _state(model, optimizer, scheduler, iteration, True, averager=averager, **pipeline),
+        path)
+    if averager is not None:
+        averager.load_state_dict(state["dp_averaging"])
     model.module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if "optimizer_soap_factors" in state:

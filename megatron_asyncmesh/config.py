@@ -206,13 +206,6 @@ class TrainConfig:
             from megatron_asyncmesh.dataparallel.megatron import averaging_config
 
             averaging_config(self)
-            if self.save or self.load:
-                raise ConfigError(
-                    "--dp-averaging sparse cannot be combined with --save / --load yet: each "
-                    "replica holds its own weights, optimizer state, pending averages and "
-                    "drift EMA, while Megatron's dist_checkpointing keeps one copy per "
-                    "data-parallel group, so a resumed run would silently differ. Train "
-                    "without checkpoints, or use --dp-averaging none.")
             for flag in ("use_distributed_optimizer", "use_layer_wise_distributed_optimizer"):
                 if getattr(self, flag):
                     raise ConfigError(

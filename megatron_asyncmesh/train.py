@@ -131,7 +131,7 @@ def run(cfg: TrainConfig) -> dict:
     start_iter, resumed_versions = 0, {}
     if cfg.load:
         start_iter, resumed_versions = ckpt.load(cfg, model, optimizer, scheduler,
-                                                 num_microbatches)
+                                                 num_microbatches, averager)
     schedule = None
     if asynchronous:
         # The one-line change to a Megatron loop: get_forward_backward_func()
@@ -206,12 +206,12 @@ def run(cfg: TrainConfig) -> dict:
             if evaluating:
                 evaluate(step)
             if is_save_step(step):
-                ckpt.save(cfg, model, optimizer, scheduler, step, schedule)
+                ckpt.save(cfg, model, optimizer, scheduler, step, schedule, averager)
         flush_records()
         if not val_history or val_history[-1]["step"] != cfg.train_iters:
             evaluate(cfg.train_iters)
         if cfg.save and (not cfg.save_interval or cfg.train_iters % cfg.save_interval):
-            ckpt.save(cfg, model, optimizer, scheduler, cfg.train_iters, schedule)
+            ckpt.save(cfg, model, optimizer, scheduler, cfg.train_iters, schedule, averager)
     finally:
         writer.close()
         timeline.uninstall()

@@ -21,16 +21,23 @@ COMMON = ["--train-iters", "8", "--lr-warmup-iters", "2", "--eval-interval", "10
      "--optimizer", "nadamw", "--delay-error-feedback", "1.0"],
     ["--pipeline-schedule", "2bw", "--untie-embeddings-and-output-weights",
      "--optimizer", "muon", "--delay-error-feedback", "0.5"],
-], ids=["adam", "soap", "2bw", "stash-nadamw-ef", "2bw-muon-ef"])
+    # The full asynchronous mesh, PP = 2 x DP = 2: every replica's own weights and
+    # optimizer state, its averages still waiting for their delay and its drift EMA.
+    ["--pipeline-schedule", "2bw", "--untie-embeddings-and-output-weights",
+     "--optimizer", "nadamw", "--dp-averaging", "sparse", "--dp-fraction", "0.25",
+     "--dp-delay", "2", "--dp-correction", "ema", "--dp-ema-start", "3"],
+], ids=["adam", "soap", "2bw", "stash-nadamw-ef", "2bw-muon-ef", "mesh-2bw-nadamw-sparse"])
 def test_resume_matches_straight_run(tmp_path, data_args, opt_args):
     """Optimizer state (NAdam's mu_product, Muon's momentum, SOAP's factors / basis /
-    refresh phase, error feedback) and the pipeline's weight versions go through Megatron's
-    sharded_state_dict: resuming from step 4 gives the straight run's losses bitwise."""
+    refresh phase, error feedback), the pipeline's weight versions and the sparse
+    averaging's state go through Megatron's sharded_state_dict: resuming from step 4
+    gives the straight run's losses bitwise."""
     straight, first, second = (str(tmp_path / n) for n in ("straight", "first", "second"))
     ckpt = str(tmp_path / "ckpt")
     args = [*data_args, *COMMON, *opt_args]
-    train(straight, 2, args)
-    train(first, 2, [*args, "--save", ckpt, "--save-interval", "4"])
+    nproc = 4 if "--dp-averaging" in opt_args else 2
+    train(straight, nproc, args)
+    train(first, nproc, [*args, "--save", ckpt, "--save-interval", "4"])
     assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "8"
     assert sorted(os.listdir(ckpt)) == ["iter_0000004", "iter_0000008",
                                         "latest_checkpointed_iteration.txt"]
@@ -42,7 +49,7 @@ def test_resume_matches_straight_run(tmp_path, data_args, opt_args):
     shutil.copytree(os.path.join(ckpt, "iter_0000004"), os.path.join(resume, "iter_0000004"))
     with open(os.path.join(resume, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write("4")
-    train(second, 2, [*args, "--load", resume])
+    train(second, nproc, [*args, "--load", resume])
     ref = {r["step"]: r["loss"] for r in read_metrics(straight)[0]}
     got = {r["step"]: r["loss"] for r in read_metrics(second)[0]}
     assert sorted(got) == [5, 6, 7, 8]
@@ -66,3 +73,13 @@ def test_async_resume_from_a_flush_checkpoint_is_refused(tmp_path, data_args):
                                          "--pipeline-schedule", "2bw"], check=False)
     assert res.returncode != 0
     assert "saved by a --pipeline-schedule flush run" in res.output
+
+
+def test_sparse_resume_from_a_synchronous_checkpoint_is_refused(tmp_path, data_args):
+    ckpt = str(tmp_path / "ckpt")
+    args = [*data_args, "--train-iters", "4", "--lr-warmup-iters", "1", "--eval-iters", "0"]
+    train(str(tmp_path / "a"), 2, [*args, "--save", ckpt])
+    res = train(str(tmp_path / "b"), 2, [*args, "--load", ckpt, "--dp-averaging", "sparse"],
+                check=False)
+    assert res.returncode != 0
+    assert "saved by a --dp-averaging none run" in res.output

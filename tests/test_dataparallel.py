@@ -185,7 +185,6 @@ def test_replicas_disagreeing_on_the_seed_fail_on_every_rank(tmp_path):
     (["--dp-fraction", "1.5"], "--dp-fraction must be in (0, 1]"),
     (["--dp-delay", "-1"], "--dp-delay must be an integer >= 0"),
     (["--use-distributed-optimizer"], "cannot be combined with --use-distributed-optimizer"),
-    (["--save", "/tmp/x"], "cannot be combined with --save / --load yet"),
     (["--optimizer", "muon", "--use-layer-wise-distributed-optimizer"],
      "cannot be combined with --use-layer-wise-distributed-optimizer"),
 ])

@@ -204,8 +204,13 @@ class SparseAverager:
         device = self.params[0].device if self.params else None
         self.selector = make_selector(cfg, self.keys, [p.numel() for p in self.params], device)
         self.pending: deque = deque()
+        # The drift EMA and which coordinates it has seen (ema correction only).
         self.ema: Dict[int, torch.Tensor] = {}
         self.seen: Dict[int, torch.Tensor] = {}
+        if cfg.correction == "ema":
+            for j, p in enumerate(self.params):
+                self.ema[j] = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+                self.seen[j] = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
         self.steps = 0                 # optimizer steps seen (the next snapshot's t)
         self.elements_sent = 0
         self.bytes_sent = 0
@@ -295,9 +300,6 @@ class SparseAverager:
             n = idx.numel()
             d = drift[offset:offset + n]
             offset += n
-            if j not in self.ema:
-                self.ema[j] = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-                self.seen[j] = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
             e = torch.where(self.seen[j][idx], m * self.ema[j][idx] + (1.0 - m) * d, d)
             self.ema[j][idx] = e
             self.seen[j][idx] = True
@@ -306,32 +308,46 @@ class SparseAverager:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """Everything a resumed run needs: step count, counters, finished averages
-        still waiting for their delay (their selection is recomputed from the
-        step), EMA. Waits for in-flight all-reduces (they finish long before)."""
+        """Everything a resumed run needs, as tensors: counters, the averages still
+        waiting for their delay (snapshot and summed buffer; their coordinates are
+        recomputed from the step), the drift EMA. Waits for in-flight all-reduces
+        (they finished long before, normally)."""
         for item in self.pending:
             if item.work is not None:
                 item.work.wait()
                 item.work = None
-        return {
-            "steps": self.steps, "elements_sent": self.elements_sent,
-            "bytes_sent": self.bytes_sent,
-            "pending": [(i.step, i.snapshot.clone(), i.buffer.clone()) for i in self.pending],
-            "ema": {self.keys[j]: (self.ema[j].clone(), self.seen[j].clone()) for j in self.ema},
-        }
+        state = {"counters": torch.tensor([self.steps, self.elements_sent, self.bytes_sent],
+                                          dtype=torch.int64)}
+        for item in self.pending:
+            state[f"pending.{item.step}.snapshot"] = item.snapshot
+            state[f"pending.{item.step}.buffer"] = item.buffer
+        for j in self.ema:
+            state[f"ema.{self.keys[j]}"] = self.ema[j]
+            state[f"seen.{self.keys[j]}"] = self.seen[j].to(torch.uint8)
+        return state
+
+    def state_template(self, steps: int) -> dict:
+        """Empty tensors shaped like :meth:`state_dict` after ``steps`` steps (what a
+        checkpoint loader needs before reading)."""
+        state = {"counters": torch.zeros(3, dtype=torch.int64)}
+        for s in range(max(0, steps - self.cfg.delay), steps):
+            n = sum(int(i.numel()) for i in self.selector.indices(s))
+            state[f"pending.{s}.snapshot"] = torch.empty(n)
+            state[f"pending.{s}.buffer"] = torch.empty(n)
+        for j in self.ema:
+            state[f"ema.{self.keys[j]}"] = torch.empty_like(self.ema[j])
+            state[f"seen.{self.keys[j]}"] = torch.empty(self.ema[j].numel(), dtype=torch.uint8)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps = int(state["steps"])
-        self.elements_sent = int(state["elements_sent"])
-        self.bytes_sent = int(state["bytes_sent"])
-        self.pending = deque(_Pending(int(s), snap, buf, None)
-                             for s, snap, buf in state["pending"])
-        index = {k: j for j, k in enumerate(self.keys)}
-        self.ema, self.seen = {}, {}
-        for key, (ema, seen) in state["ema"].items():
-            j = index[key]
-            self.ema[j], self.seen[j] = ema.to(self.params[j].device), seen.to(
-                self.params[j].device)
+        self.steps, self.elements_sent, self.bytes_sent = (int(x) for x in state["counters"])
+        pending = sorted(int(k.split(".")[1]) for k in state
+                         if k.startswith("pending.") and k.endswith(".snapshot"))
+        self.pending = deque(_Pending(s, state[f"pending.{s}.snapshot"],
+                                      state[f"pending.{s}.buffer"], None) for s in pending)
+        for j in self.ema:
+            self.ema[j].copy_(state[f"ema.{self.keys[j]}"])
+            self.seen[j].copy_(state[f"seen.{self.keys[j]}"].bool())
 
     def stats(self) -> dict:
         return {"steps": self.steps, "elements_sent": self.elements_sent,
