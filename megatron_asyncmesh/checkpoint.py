@@ -5,14 +5,17 @@ Layout under ``--save DIR``::
     DIR/iter_0000100/            a complete checkpoint (Megatron's format)
     DIR/latest_checkpointed_iteration.txt
 
-A checkpoint is written into ``iter_XXXXXXX.partial`` and renamed by rank 0
-only after every rank finished writing, then the ``latest`` file is replaced
-atomically: an interrupted save never looks complete, and the previous
-checkpoint stays the one that loads.
+A checkpoint is written into ``iter_XXXXXXX.partial``; after every rank
+finished writing, rank 0 adds ``asyncmesh_meta.json`` (format version, model
+shape and layout, size and SHA-256 of every file), renames the directory and
+then replaces the ``latest`` file atomically: an interrupted save never looks
+complete, and the previous checkpoint stays the one that loads. Loading checks
+the metadata, every checksum, the model shape and the layout before reading.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Dict, List, Optional, Tuple
@@ -22,6 +25,111 @@ import torch.distributed as dist
 from megatron_asyncmesh.config import ConfigError, TrainConfig
 
 LATEST = "latest_checkpointed_iteration.txt"
+META = "asyncmesh_meta.json"          # written last: its presence marks a complete checkpoint
+FORMAT_VERSION = 1
+# What a checkpoint's tensors are shaped and laid out by; loading into another value fails.
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                "untie_embeddings_and_output_weights", "position_embedding_type",
+                "normalization", "swiglu")
+LAYOUT_FIELDS = ("pipeline_model_parallel_size", "pipeline_schedule", "dp_averaging",
+                 "data_parallel_size")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _layout(cfg: TrainConfig, vocab_size: int) -> dict:
+    from megatron.core import parallel_state
+
+    out = {f: getattr(cfg, f) for f in SHAPE_FIELDS}
+    out["ffn_hidden_size"] = cfg.resolved_ffn_hidden_size()
+    out["padded_vocab_size"] = vocab_size
+    out.update({f: getattr(cfg, f) for f in LAYOUT_FIELDS if f != "data_parallel_size"})
+    out["data_parallel_size"] = parallel_state.get_data_parallel_world_size()
+    return out
+
+
+def write_meta(directory: str, cfg: TrainConfig, vocab_size: int, iteration: int) -> None:
+    """Checksums of every file and the layout, into ``META`` (atomically)."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, directory)
+            files[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    meta = {"format_version": FORMAT_VERSION, "iteration": iteration,
+            "layout": _layout(cfg, vocab_size), "files": files}
+    tmp = os.path.join(directory, META + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(directory, META))
+
+
+def verify(directory: str, cfg: Optional[TrainConfig] = None,
+           vocab_size: Optional[int] = None) -> dict:
+    """Check a checkpoint before reading a byte of it: complete, not newer than this
+    code, files intact, and (given ``cfg``) the same model shape and layout. Raises
+    CheckpointError; returns the metadata."""
+    path = os.path.join(directory, META)
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{directory}: no {META}, so the checkpoint is incomplete (a save was "
+            f"interrupted) or was not written by megatron-asyncmesh; load an earlier one.")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: unreadable metadata ({exc}).") from None
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory}: checkpoint format version {version!r} is newer than this "
+            f"megatron-asyncmesh reads ({FORMAT_VERSION}); upgrade megatron-asyncmesh.")
+    for rel, info in meta["files"].items():
+        file = os.path.join(directory, rel)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{directory}: file {rel} is missing.")
+        size = os.path.getsize(file)
+        if size != info["bytes"]:
+            raise CheckpointError(f"{directory}: file {rel} has {size} bytes, the metadata "
+                                  f"says {info['bytes']} (truncated or overwritten).")
+        if _sha256(file) != info["sha256"]:
+            raise CheckpointError(f"{directory}: file {rel} does not match its checksum "
+                                  f"(corrupted); load an earlier checkpoint.")
+    if cfg is not None:
+        saved, mine = meta["layout"], _layout(cfg, vocab_size)
+        shape = {f: (saved.get(f), mine[f]) for f in (*SHAPE_FIELDS, "padded_vocab_size")
+                 if saved.get(f) != mine[f]}
+        if shape:
+            raise CheckpointError(
+                f"{directory} holds a different model: "
+                + ", ".join(f"{k} saved {a!r} vs now {b!r}" for k, (a, b) in shape.items())
+                + ". Use the same model flags (and tokenizer, for the vocabulary).")
+        pp = saved["pipeline_model_parallel_size"], mine["pipeline_model_parallel_size"]
+        if pp[0] != pp[1]:
+            raise CheckpointError(
+                f"{directory} was saved with --pipeline-model-parallel-size {pp[0]}, this "
+                f"run has {pp[1]}: resume with {pp[0]} stages.")
+        dp = saved["data_parallel_size"], mine["data_parallel_size"]
+        if mine["dp_averaging"] == "sparse" and saved["dp_averaging"] == "sparse" and \
+                dp[0] != dp[1]:
+            raise CheckpointError(
+                f"{directory} holds {dp[0]} independent replicas (--dp-averaging sparse); "
+                f"this run has {dp[1]}: resume with {dp[0]} data-parallel replicas.")
+    return meta
 
 
 def _iter_dir(root: str, iteration: int) -> str:
@@ -136,8 +244,10 @@ def save(cfg: TrainConfig, model, optimizer, scheduler, iteration: int,
     pipeline = dict(cfg=cfg, held=schedule.held_versions()) if schedule is not None else {}
     dist_checkpointing.save(_state(model, optimizer, scheduler, iteration, False,
                                    averager=averager, **pipeline), partial)
+    _crash_point("after_shards", iteration)
     dist.barrier()
     if dist.get_rank() == 0:
+        write_meta(partial, cfg, model.module.vocab_size, iteration)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -145,8 +255,34 @@ def save(cfg: TrainConfig, model, optimizer, scheduler, iteration: int,
         with open(tmp, "w") as f:
             f.write(str(iteration))
         os.replace(tmp, os.path.join(cfg.save, LATEST))
+        _keep_last(cfg.save, cfg.save_keep_last)
     dist.barrier()
     return final
+
+
+def _crash_point(where: str, iteration: int) -> None:
+    """Fault injection for the crash tests: ``ASYNCMESH_CRASH=<where>:<rank>:<iteration>``
+    kills that rank with SIGKILL here (nothing runs after it, like a lost node)."""
+    spec = os.environ.get("ASYNCMESH_CRASH")
+    if spec and spec == f"{where}:{dist.get_rank()}:{iteration}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def complete_iterations(root: str) -> List[int]:
+    out = []
+    for name in os.listdir(root):
+        if name.startswith("iter_") and not name.endswith(".partial") and \
+                os.path.isfile(os.path.join(root, name, META)):
+            out.append(int(name[len("iter_"):]))
+    return sorted(out)
+
+
+def _keep_last(root: str, keep: int) -> None:
+    if keep > 0:
+        for it in complete_iterations(root)[:-keep]:
+            shutil.rmtree(_iter_dir(root, it), ignore_errors=True)
 
 
 def load(cfg: TrainConfig, model, optimizer, scheduler,
@@ -163,6 +299,7 @@ def load(cfg: TrainConfig, model, optimizer, scheduler,
     with open(latest) as f:
         iteration = int(f.read().strip())
     path = _iter_dir(cfg.load, iteration)
+    verify(path, cfg, model.module.vocab_size)
     pipeline = {}
     common = dist_checkpointing.load_common_state_dict(path)
     saved_dp = common.get("dp_averaging_mode", "none")

@@ -156,6 +156,7 @@ class TrainConfig:
     save: Optional[str] = _f(None, "checkpoint directory to write", "ckpt")
     load: Optional[str] = _f(None, "checkpoint directory to resume from", "ckpt")
     save_interval: Optional[int] = _f(None, "save every N steps (and at the end)", "ckpt")
+    save_keep_last: int = _f(0, "keep only the newest K complete checkpoints (0 = all)", "ckpt")
     run_dir: str = _f("runs/latest", "where metrics.jsonl, summary.json, tensorboard go",
                       "output")
     num_threads: Optional[int] = _f(
@@ -245,6 +246,9 @@ class TrainConfig:
                 f"--lr-warmup-iters {self.lr_warmup_iters} must be smaller than the decay "
                 f"length {decay} (--lr-decay-iters, default --train-iters); lower the warm-up "
                 f"(e.g. {max(0, decay // 10)}) or train longer.")
+        if self.save_keep_last < 0:
+            raise ConfigError(f"--save-keep-last must be >= 0 (0 keeps all), got "
+                              f"{self.save_keep_last}.")
         if self.save_interval is not None and self.save_interval < 1:
             raise ConfigError(f"--save-interval must be >= 1, got {self.save_interval}.")
 

@@ -123,7 +123,10 @@ def read_metrics(run_dir: str):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:
             rec = json.loads(line)
-            (train if "loss" in rec else val).append(rec)
+            if "loss" in rec:
+                train.append(rec)
+            elif "val_loss" in rec:
+                val.append(rec)
     return train, val
 
 

@@ -182,6 +182,18 @@ def run(cfg: TrainConfig) -> dict:
         stats = rec
         pending = []
 
+    checkpoints = []
+
+    def save_checkpoint(step: int, drain_step_s: float) -> None:
+        # An asynchronous pipeline drained in this step (its one flush per checkpoint):
+        # the step's time, against the steady steps', is what the checkpoint cost there.
+        t0 = time.perf_counter()
+        ckpt.save(cfg, model, optimizer, scheduler, step, schedule, averager)
+        rec = {"step": step, "checkpoint_save_s": time.perf_counter() - t0,
+               "drain_step_s": drain_step_s if asynchronous else None}
+        checkpoints.append(rec)
+        writer.log(rec)
+
     try:
         if start_iter == 0:
             evaluate(0)
@@ -206,12 +218,12 @@ def run(cfg: TrainConfig) -> dict:
             if evaluating:
                 evaluate(step)
             if is_save_step(step):
-                ckpt.save(cfg, model, optimizer, scheduler, step, schedule, averager)
+                save_checkpoint(step, dt)
         flush_records()
         if not val_history or val_history[-1]["step"] != cfg.train_iters:
             evaluate(cfg.train_iters)
         if cfg.save and (not cfg.save_interval or cfg.train_iters % cfg.save_interval):
-            ckpt.save(cfg, model, optimizer, scheduler, cfg.train_iters, schedule, averager)
+            save_checkpoint(cfg.train_iters, dt)
     finally:
         writer.close()
         timeline.uninstall()
@@ -248,6 +260,7 @@ def run(cfg: TrainConfig) -> dict:
         "optimizer": cfg.optimizer,
         # Per stage: the delay the optimizer was told and what it derived from it.
         "stage_optimizer": {str(o["stage"]): o for o in stage_opts},
+        "checkpoints": checkpoints,
         "dp_averaging": cfg.dp_averaging,
         # Per rank: what the sparse averaging handed to all-reduce (None: synchronous DP).
         "dp_averaging_stats": [r[2] for r in per_rank],

@@ -1,10 +1,12 @@
 """--save/--load through Megatron's dist_checkpointing: resume equals never stopping."""
 
+import json
 import os
+import shutil
 
 import pytest
 
-from tests.harness import read_metrics, train
+from tests.harness import launch, read_metrics, read_summary, train
 
 COMMON = ["--train-iters", "8", "--lr-warmup-iters", "2", "--eval-interval", "100",
           "--eval-iters", "1", "--pipeline-model-parallel-size", "2"]
@@ -42,8 +44,6 @@ def test_resume_matches_straight_run(tmp_path, data_args, opt_args):
     assert sorted(os.listdir(ckpt)) == ["iter_0000004", "iter_0000008",
                                         "latest_checkpointed_iteration.txt"]
     # Resume from step 4: point --load at a copy whose latest is 4.
-    import shutil
-
     resume = str(tmp_path / "resume")
     os.makedirs(resume)
     shutil.copytree(os.path.join(ckpt, "iter_0000004"), os.path.join(resume, "iter_0000004"))
@@ -83,3 +83,83 @@ def test_sparse_resume_from_a_synchronous_checkpoint_is_refused(tmp_path, data_a
                 check=False)
     assert res.returncode != 0
     assert "saved by a --dp-averaging none run" in res.output
+
+
+def test_checkpoint_metadata_keep_last_and_bad_checkpoints(tmp_path, data_args):
+    """Metadata with checksums, --save-keep-last, the save and drain times recorded; a
+    truncated shard, a corrupted byte, missing metadata, a newer format version and
+    a different model are refused with a message naming the problem."""
+    from megatron_asyncmesh.checkpoint import META, CheckpointError, verify
+
+    ckpt = str(tmp_path / "ckpt")
+    run = str(tmp_path / "run")
+    train(run, 1, [*data_args, "--train-iters", "6", "--lr-warmup-iters", "1",
+                   "--eval-iters", "0", "--save", ckpt, "--save-interval", "2",
+                   "--save-keep-last", "2"])
+    assert sorted(os.listdir(ckpt)) == ["iter_0000004", "iter_0000006",
+                                        "latest_checkpointed_iteration.txt"]
+    saves = read_summary(run)["checkpoints"]
+    assert [c["step"] for c in saves] == [2, 4, 6] and all(c["checkpoint_save_s"] > 0
+                                                          for c in saves)
+    good = os.path.join(ckpt, "iter_0000006")
+    meta = verify(good)
+    assert meta["format_version"] == 1 and meta["layout"]["hidden_size"] == 64
+    shard = max((f for f in meta["files"]), key=lambda f: meta["files"][f]["bytes"])
+
+    def broken(name, edit):
+        copy = str(tmp_path / name)
+        shutil.copytree(good, copy)
+        edit(copy)
+        with pytest.raises(CheckpointError) as exc:
+            verify(copy)
+        return str(exc.value)
+
+    def truncate(d):
+        with open(os.path.join(d, shard), "r+b") as f:
+            f.truncate(meta["files"][shard]["bytes"] // 2)
+
+    def flip(d):
+        with open(os.path.join(d, shard), "r+b") as f:
+            f.seek(meta["files"][shard]["bytes"] // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+    def newer(d):
+        with open(os.path.join(d, META)) as f:
+            m = json.load(f)
+        m["format_version"] = 99
+        with open(os.path.join(d, META), "w") as f:
+            json.dump(m, f)
+
+    assert "truncated" in broken("trunc", truncate)
+    assert "does not match its checksum" in broken("flip", flip)
+    assert "incomplete" in broken("nometa", lambda d: os.remove(os.path.join(d, META)))
+    assert "newer than this" in broken("newer", newer)
+    res = train(str(tmp_path / "other"), 1, [*data_args, "--train-iters", "8", "--load", ckpt,
+                                             "--hidden-size", "32"], check=False)
+    assert res.returncode != 0
+    assert "holds a different model: hidden_size saved 64 vs now 32" in res.output
+
+
+def test_kill_a_rank_in_the_middle_of_a_save(tmp_path, data_args):
+    """SIGKILL on rank 1 after it wrote its shards of step 8 and before the save was
+    sealed: the job ends (no hang), nothing claims step 8 is complete, and a new run
+    resumes from step 4 and reproduces the killed run's steps 5-8."""
+    ckpt = str(tmp_path / "ckpt")
+    args = [*data_args, "--train-iters", "8", "--lr-warmup-iters", "1", "--eval-iters", "0",
+            "--save", ckpt, "--save-interval", "4"]
+    killed = str(tmp_path / "killed")
+    res = launch(["-m", "megatron_asyncmesh.train", "--config", os.path.join(
+        os.path.dirname(__file__), "..", "launch", "configs", "tiny.yaml"), "--run-dir", killed,
+        "--no-progress", *args], nproc=2, check=False, timeout=240,
+        env={"ASYNCMESH_CRASH": "after_shards:1:8", "ASYNCMESH_DIST_TIMEOUT": "30"})
+    assert res.returncode != 0 and not res.timed_out
+    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "4"
+    assert "iter_0000008" not in os.listdir(ckpt)         # at most iter_0000008.partial
+    resumed = str(tmp_path / "resumed")
+    train(resumed, 2, [*args, "--load", ckpt])
+    before = {r["step"]: r["loss"] for r in read_metrics(killed)[0]}
+    after = {r["step"]: r["loss"] for r in read_metrics(resumed)[0]}
+    assert sorted(after) == [5, 6, 7, 8]
+    assert [after[s] for s in after] == [before[s] for s in after]
