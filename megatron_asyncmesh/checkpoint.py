@@ -49,15 +49,19 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _layout(cfg: TrainConfig, vocab_size: int) -> dict:
-    from megatron.core import parallel_state
-
+def _layout(cfg: TrainConfig, vocab_size: int, dp: int) -> dict:
     out = {f: getattr(cfg, f) for f in SHAPE_FIELDS}
     out["ffn_hidden_size"] = cfg.resolved_ffn_hidden_size()
     out["padded_vocab_size"] = vocab_size
     out.update({f: getattr(cfg, f) for f in LAYOUT_FIELDS if f != "data_parallel_size"})
-    out["data_parallel_size"] = parallel_state.get_data_parallel_world_size()
+    out["data_parallel_size"] = dp
     return out
+
+
+def _dp() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size()
 
 
 def write_meta(directory: str, cfg: TrainConfig, vocab_size: int, iteration: int) -> None:
@@ -69,7 +73,7 @@ def write_meta(directory: str, cfg: TrainConfig, vocab_size: int, iteration: int
             rel = os.path.relpath(path, directory)
             files[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
     meta = {"format_version": FORMAT_VERSION, "iteration": iteration,
-            "layout": _layout(cfg, vocab_size), "files": files}
+            "layout": _layout(cfg, vocab_size, _dp()), "files": files}
     tmp = os.path.join(directory, META + ".tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
@@ -79,10 +83,10 @@ def write_meta(directory: str, cfg: TrainConfig, vocab_size: int, iteration: int
 
 
 def verify(directory: str, cfg: Optional[TrainConfig] = None,
-           vocab_size: Optional[int] = None) -> dict:
+           vocab_size: Optional[int] = None, dp: Optional[int] = None) -> dict:
     """Check a checkpoint before reading a byte of it: complete, not newer than this
-    code, files intact, and (given ``cfg``) the same model shape and layout. Raises
-    CheckpointError; returns the metadata."""
+    code, files intact, and (given ``cfg``, the padded vocabulary and DP) the same model
+    shape and layout. Raises CheckpointError; returns the metadata."""
     path = os.path.join(directory, META)
     if not os.path.isfile(path):
         raise CheckpointError(
@@ -110,7 +114,7 @@ def verify(directory: str, cfg: Optional[TrainConfig] = None,
             raise CheckpointError(f"{directory}: file {rel} does not match its checksum "
                                   f"(corrupted); load an earlier checkpoint.")
     if cfg is not None:
-        saved, mine = meta["layout"], _layout(cfg, vocab_size)
+        saved, mine = meta["layout"], _layout(cfg, vocab_size, dp)
         shape = {f: (saved.get(f), mine[f]) for f in (*SHAPE_FIELDS, "padded_vocab_size")
                  if saved.get(f) != mine[f]}
         if shape:
@@ -299,7 +303,7 @@ def load(cfg: TrainConfig, model, optimizer, scheduler,
     with open(latest) as f:
         iteration = int(f.read().strip())
     path = _iter_dir(cfg.load, iteration)
-    verify(path, cfg, model.module.vocab_size)
+    verify(path, cfg, model.module.vocab_size, _dp())
     pipeline = {}
     common = dist_checkpointing.load_common_state_dict(path)
     saved_dp = common.get("dp_averaging_mode", "none")

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.harness import launch, read_metrics, read_summary, train
+from tests.harness import TINY, launch, read_metrics, read_summary, train
 
 COMMON = ["--train-iters", "8", "--lr-warmup-iters", "2", "--eval-interval", "100",
           "--eval-iters", "1", "--pipeline-model-parallel-size", "2"]
@@ -38,7 +38,13 @@ def test_resume_matches_straight_run(tmp_path, data_args, opt_args):
     ckpt = str(tmp_path / "ckpt")
     args = [*data_args, *COMMON, *opt_args]
     nproc = 4 if "--dp-averaging" in opt_args else 2
-    train(straight, nproc, args)
+    train(straight, nproc, args, launcher="deepspeed" if nproc == 4 else "torchrun")
+    if nproc == 4:        # the full mesh, from the training entry point under `deepspeed`
+        s = read_summary(straight)
+        assert s["world_size"] == 4 and s["data_parallel_size"] == 2
+        stats = s["dp_averaging_stats"]
+        assert all(a["steps"] == 8 and a["replicas"] == 2 and a["bytes_sent"] > 0
+                   for a in stats)
     train(first, nproc, [*args, "--save", ckpt, "--save-interval", "4"])
     assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "8"
     assert sorted(os.listdir(ckpt)) == ["iter_0000004", "iter_0000008",
@@ -64,37 +70,18 @@ def test_load_without_checkpoint_is_an_error(tmp_path, data_args):
     assert "no latest_checkpointed_iteration.txt there" in res.output
 
 
-def test_async_resume_from_a_flush_checkpoint_is_refused(tmp_path, data_args):
-    ckpt = str(tmp_path / "ckpt")
-    train(str(tmp_path / "a"), 2, [*data_args, *COMMON, "--untie-embeddings-and-output-weights",
-                                   "--train-iters", "4", "--save", ckpt])
-    res = train(str(tmp_path / "b"), 2, [*data_args, *COMMON, "--load", ckpt,
-                                         "--untie-embeddings-and-output-weights",
-                                         "--pipeline-schedule", "2bw"], check=False)
-    assert res.returncode != 0
-    assert "saved by a --pipeline-schedule flush run" in res.output
-
-
-def test_sparse_resume_from_a_synchronous_checkpoint_is_refused(tmp_path, data_args):
-    ckpt = str(tmp_path / "ckpt")
-    args = [*data_args, "--train-iters", "4", "--lr-warmup-iters", "1", "--eval-iters", "0"]
-    train(str(tmp_path / "a"), 2, [*args, "--save", ckpt])
-    res = train(str(tmp_path / "b"), 2, [*args, "--load", ckpt, "--dp-averaging", "sparse"],
-                check=False)
-    assert res.returncode != 0
-    assert "saved by a --dp-averaging none run" in res.output
-
-
 def test_checkpoint_metadata_keep_last_and_bad_checkpoints(tmp_path, data_args):
     """Metadata with checksums, --save-keep-last, the save and drain times recorded; a
     truncated shard, a corrupted byte, missing metadata, a newer format version and
     a different model are refused with a message naming the problem."""
     from megatron_asyncmesh.checkpoint import META, CheckpointError, verify
 
+    from megatron_asyncmesh.config import parse_config
+
     ckpt = str(tmp_path / "ckpt")
     run = str(tmp_path / "run")
-    train(run, 1, [*data_args, "--train-iters", "6", "--lr-warmup-iters", "1",
-                   "--eval-iters", "0", "--save", ckpt, "--save-interval", "2",
+    common = [*data_args, *COMMON, "--untie-embeddings-and-output-weights"]
+    train(run, 2, [*common, "--train-iters", "6", "--save", ckpt, "--save-interval", "2",
                    "--save-keep-last", "2"])
     assert sorted(os.listdir(ckpt)) == ["iter_0000004", "iter_0000006",
                                         "latest_checkpointed_iteration.txt"]
@@ -136,10 +123,24 @@ def test_checkpoint_metadata_keep_last_and_bad_checkpoints(tmp_path, data_args):
     assert "does not match its checksum" in broken("flip", flip)
     assert "incomplete" in broken("nometa", lambda d: os.remove(os.path.join(d, META)))
     assert "newer than this" in broken("newer", newer)
-    res = train(str(tmp_path / "other"), 1, [*data_args, "--train-iters", "8", "--load", ckpt,
-                                             "--hidden-size", "32"], check=False)
-    assert res.returncode != 0
-    assert "holds a different model: hidden_size saved 64 vs now 32" in res.output
+    vocab = meta["layout"]["padded_vocab_size"]
+
+    def refusal(*flags, vocab=vocab, dp=1):
+        with pytest.raises(CheckpointError) as exc:
+            verify(good, parse_config(["--config", TINY, *common, *flags]), vocab, dp)
+        return str(exc.value)
+
+    assert "hidden_size saved 64 vs now 32" in refusal("--hidden-size", "32")
+    assert "padded_vocab_size saved" in refusal(vocab=vocab + 128)
+    assert "saved with --pipeline-model-parallel-size 2" in refusal(
+        "--pipeline-model-parallel-size", "1")
+    # Resuming in another mode: the pipeline's weight versions, the replicas' own state.
+    for flags, message in ((["--pipeline-schedule", "2bw"], "saved by a --pipeline-schedule "
+                                                             "flush run"),
+                           (["--dp-averaging", "sparse"], "saved by a --dp-averaging none run")):
+        res = train(str(tmp_path / "other"), 2, [*common, "--train-iters", "8", "--load", ckpt,
+                                                 *flags], check=False)
+        assert res.returncode != 0 and message in res.output, res.tail()
 
 
 def test_kill_a_rank_in_the_middle_of_a_save(tmp_path, data_args):
@@ -150,8 +151,7 @@ def test_kill_a_rank_in_the_middle_of_a_save(tmp_path, data_args):
     args = [*data_args, "--train-iters", "8", "--lr-warmup-iters", "1", "--eval-iters", "0",
             "--save", ckpt, "--save-interval", "4"]
     killed = str(tmp_path / "killed")
-    res = launch(["-m", "megatron_asyncmesh.train", "--config", os.path.join(
-        os.path.dirname(__file__), "..", "launch", "configs", "tiny.yaml"), "--run-dir", killed,
+    res = launch(["-m", "megatron_asyncmesh.train", "--config", TINY, "--run-dir", killed,
         "--no-progress", *args], nproc=2, check=False, timeout=240,
         env={"ASYNCMESH_CRASH": "after_shards:1:8", "ASYNCMESH_DIST_TIMEOUT": "30"})
     assert res.returncode != 0 and not res.timed_out
