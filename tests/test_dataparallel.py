@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_asyncmesh.dataparallel.averaging import (
-    AveragingConfig, AveragingError, BernoulliSelector, PartitionSelector,
+    AveragingConfig, BernoulliSelector, PartitionSelector,
     expected_elements_per_step, make_selector)
 from tests.dp_worker import make_model, train_step
 from tests.harness import REPO, launch, read_metrics, read_summary, train

@@ -82,7 +82,6 @@ def main_parameters(model, optimizer) -> Tuple[List[Tuple[str, torch.Tensor]], l
 
     module = model.module if hasattr(model, "module") else model
     names = global_parameter_names(module)
-    by_id = {id(p): names[n] for n, p in module.named_parameters() if p.requires_grad}
     main_of, refresh = {}, []
     for leaf in _leaf_optimizers(optimizer):
         if hasattr(leaf, "float16_groups"):
@@ -91,11 +90,9 @@ def main_parameters(model, optimizer) -> Tuple[List[Tuple[str, torch.Tensor]], l
                 for mp, main in zip(model_group, main_group):
                     main_of[id(mp)] = main
             refresh.append(leaf)
-    out = []
-    for n, p in module.named_parameters():
-        if p.requires_grad:
-            out.append((by_id[id(p)], main_of.get(id(p), p)))
-    return out, refresh
+    params = [(names[n], main_of.get(id(p), p))
+              for n, p in module.named_parameters() if p.requires_grad]
+    return params, refresh
 
 
 def build_averager(cfg: TrainConfig, model, optimizer) -> Optional[SparseAverager]:
