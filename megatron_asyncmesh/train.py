@@ -336,10 +336,15 @@ def plot_run_timeline(run_dir: str, windows, cfg: TrainConfig) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_reporting_errors(lambda: run(parse_config(argv)))
+
+
+def run_reporting_errors(body, errors: tuple = ()) -> int:
+    """Run an entry point's ``body``; a bad-input error (ConfigError, DatasetError and
+    ``errors``) is printed by rank 0 and exits 2 on every rank."""
     try:
-        cfg = parse_config(argv)
-        run(cfg)
-    except (ConfigError, DatasetError) as exc:
+        body()
+    except (ConfigError, DatasetError, *errors) as exc:
         if _is_rank0():
             print(f"error: {exc}", file=sys.stderr, flush=True)
         else:

@@ -28,7 +28,6 @@ from typing import Optional, Sequence
 
 import megatron_asyncmesh  # noqa: F401  (CPU compatibility layer first)
 from megatron_asyncmesh.config import ConfigError, TrainConfig, parse_config
-from megatron_asyncmesh.data.indexed import DatasetError
 
 # Collectives ZeRO 1/2/3 and the averager issue. deepspeed 0.19.8's comms logger exits
 # the process on ops its bandwidth table lacks, so only these are profiled.
@@ -268,22 +267,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
 
     from megatron_asyncmesh.dataparallel.averaging import AveragingError
-    from megatron_asyncmesh.train import _is_rank0
+    from megatron_asyncmesh.train import run_reporting_errors
 
     front = argparse.ArgumentParser(add_help=False)
     front.add_argument("--zero-stage", type=int, default=0,
                        help="DeepSpeed ZeRO stage 0-3 (sparse averaging: 0 or 1)")
     known, rest = front.parse_known_args(argv)
-    try:
-        cfg = parse_config(rest)
-        run(cfg, known.zero_stage)
-    except (ConfigError, DatasetError, AveragingError) as exc:
-        if _is_rank0():
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        else:
-            time.sleep(3.0)
-        return 2
-    return 0
+    return run_reporting_errors(lambda: run(parse_config(rest), known.zero_stage),
+                                (AveragingError,))
 
 
 if __name__ == "__main__":

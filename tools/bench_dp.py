@@ -90,12 +90,18 @@ def run_args(name: str, steps: int) -> list:
             str(max(1, steps // 12)), "--eval-iters", "4", "--num-threads", "1", "--no-progress"]
 
 
-def _reuse(run_dir: str, args: list) -> bool:
+def _fresh(run_dir: str, args: list, name: str) -> bool:
+    """False when a finished run with the same arguments is there (reuse it); else an
+    empty run directory is made and True returned."""
     manifest = os.path.join(run_dir, "bench_args.json")
     if os.path.exists(os.path.join(run_dir, "summary.json")) and os.path.exists(manifest):
         with open(manifest) as f:
-            return json.load(f) == args
-    return False
+            if json.load(f) == args:
+                print(f"{name}: reusing {run_dir}", flush=True)
+                return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir)
+    return True
 
 
 def _finish(run_dir: str, args: list, proc_rc: int, name: str, t0: float) -> None:
@@ -112,11 +118,8 @@ def run_loopback(out: str, name: str, steps: int) -> dict:
     entry, nproc, _ = RUNS[name]
     args = run_args(name, steps)
     run_dir = os.path.join(out, "runs", name)
-    if _reuse(run_dir, args):
-        print(f"{name}: reusing {run_dir}", flush=True)
+    if not _fresh(run_dir, args, name):
         return load(run_dir)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    os.makedirs(run_dir)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", ENTRY[entry], *args, "--run-dir", run_dir]
@@ -173,11 +176,8 @@ def run_link(out: str, name: str, steps: int, rate: str) -> dict:
             "--eval-interval", str(steps), "--eval-iters", "1", "--num-threads", "1",
             "--no-progress", f"--link={rate}"]
     run_dir = os.path.join(out, "runs", name)
-    if _reuse(run_dir, args):
-        print(f"{name}: reusing {run_dir}", flush=True)
+    if not _fresh(run_dir, args, name):
         return load(run_dir)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    os.makedirs(run_dir)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, DS_ACCELERATOR="cpu",
                PYTHONWARNINGS="ignore", **MALLOC)
     procs, logs = [], []
