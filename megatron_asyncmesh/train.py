@@ -232,6 +232,8 @@ def run(cfg: TrainConfig) -> dict:
 
             unpatch()
 
+    if averager is not None:    # nothing may be in flight when the ranks part
+        averager.wait_in_flight()
     pipeline = pipeline_report(cfg, timeline, schedule, rank)
     per_rank = [None] * dist.get_world_size()
     # Megatron's DDP all-reduces this rank's whole fp32 gradient buffer every step.

@@ -229,6 +229,8 @@ def run(cfg: TrainConfig, zero_stage: int) -> dict:
         elif writer.enabled:
             writer.progress(step)
     writer.close()
+    if averager is not None:
+        averager.wait_in_flight()
     by_op = comm_bytes()
     total_bytes = sum(by_op.values())
     per_rank = [None] * dist.get_world_size()

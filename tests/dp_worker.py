@@ -87,6 +87,7 @@ def main() -> int:
         for step in range(args.steps):
             train_step(model, opt, rank, step)
             per_step.append(averager.step())
+        averager.wait_in_flight()
         logged = sum(size * rec[0] for op, sizes in dscomm.comms_logger.comms_dict.items()
                      if op.startswith("all_reduce") for size, rec in sizes.items())
         params = [p.detach().clone() for p in model.parameters()]
@@ -99,6 +100,7 @@ def main() -> int:
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(results, f)
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 

@@ -61,7 +61,13 @@ class LaunchResult:
         self.timed_out = timed_out
 
     def tail(self, n: int = 60) -> str:
-        return "\n".join(self.output.splitlines()[-n:])
+        """The last ``n`` lines, preceded by the workers' own error lines (a
+        launcher's failure report alone can fill the tail)."""
+        lines = self.output.splitlines()
+        marks = ("Error", "Traceback", "terminate called", "what():", "Aborted")
+        errors = [ln for ln in lines[:-n] if any(m in ln for m in marks)][:20]
+        head = ["--- error lines before the tail ---", *errors, "---"] if errors else []
+        return "\n".join(head + lines[-n:])
 
 
 def launch(target: Sequence[str], nproc: int = 1, launcher: str = "torchrun",

@@ -306,16 +306,23 @@ class SparseAverager:
             out.append(e)
         return torch.cat(out) if out else drift
 
+    def wait_in_flight(self) -> None:
+        """Wait for every launched all-reduce without applying it (the delay queue
+        is unchanged). Call before a process group goes away: gloo runs async
+        collectives on worker threads, and a peer leaving while one of them still
+        runs aborts the process."""
+        for item in self.pending:
+            if item.work is not None:
+                item.work.wait()
+                item.work = None
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Everything a resumed run needs, as tensors: counters, the averages still
         waiting for their delay (snapshot and summed buffer; their coordinates are
         recomputed from the step), the drift EMA. Waits for in-flight all-reduces
         (they finished long before, normally)."""
-        for item in self.pending:
-            if item.work is not None:
-                item.work.wait()
-                item.work = None
+        self.wait_in_flight()
         state = {"counters": torch.tensor([self.steps, self.elements_sent, self.bytes_sent],
                                           dtype=torch.int64)}
         for item in self.pending:
