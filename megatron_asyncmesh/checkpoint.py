@@ -64,8 +64,11 @@ def _dp() -> int:
     return parallel_state.get_data_parallel_world_size()
 
 
-def write_meta(directory: str, cfg: TrainConfig, vocab_size: int, iteration: int) -> None:
-    """Checksums of every file and the layout, into ``META`` (atomically)."""
+def write_meta(directory: str, cfg: TrainConfig, vocab_size: int, iteration: int,
+               contents: str = "full") -> None:
+    """Checksums of every file, the layout and the config, into ``META`` (atomically).
+    ``contents``: "full" (a training state) or "model" (weights only, e.g. imported
+    from Hugging Face: loads at any pipeline size with a fresh optimizer)."""
     files = {}
     for root, _, names in os.walk(directory):
         for name in sorted(names):
@@ -73,7 +76,8 @@ def write_meta(directory: str, cfg: TrainConfig, vocab_size: int, iteration: int
             rel = os.path.relpath(path, directory)
             files[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
     meta = {"format_version": FORMAT_VERSION, "iteration": iteration,
-            "layout": _layout(cfg, vocab_size, _dp()), "files": files}
+            "layout": _layout(cfg, vocab_size, _dp()), "contents": contents,
+            "config": cfg.to_dict(), "files": files}
     tmp = os.path.join(directory, META + ".tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
@@ -82,11 +86,75 @@ def write_meta(directory: str, cfg: TrainConfig, vocab_size: int, iteration: int
     os.replace(tmp, os.path.join(directory, META))
 
 
+# What torch_dist's pickled DCP metadata (``.metadata``) may reference: torch's own
+# checkpoint metadata classes, sizes, dtypes and layouts. Anything else is refused.
+_SAFE_PICKLE_MODULES = ("torch.distributed.checkpoint.metadata",
+                        "torch.distributed.checkpoint.planner",
+                        "torch.distributed.checkpoint.filesystem")
+_SAFE_PICKLE_NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                      ("collections", "OrderedDict")}
+
+
+def check_pickle(path: str) -> None:
+    """Unpickle ``path`` resolving only the allowed globals (see above): a pickle that
+    names any other callable (``os.system``, ``builtins.eval``, ...) is refused before
+    torch's DCP reader (which uses plain ``pickle.load``) ever sees it."""
+    import pickle
+
+    import torch
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module in _SAFE_PICKLE_MODULES or (module, name) in _SAFE_PICKLE_NAMES or \
+                    (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+                return super().find_class(module, name)
+            raise CheckpointError(
+                f"{path} references {module}.{name}: checkpoint metadata may only hold torch's "
+                f"checkpoint classes; refusing to unpickle it (not a megatron-asyncmesh "
+                f"checkpoint, or tampered with).")
+
+    with open(path, "rb") as f:
+        try:
+            Restricted(f).load()
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{path}: unreadable checkpoint metadata ({exc}).") from None
+
+
+def weights_only_bytes() -> None:
+    """torch's DCP load planner (``DefaultLoadPlanner``, which Megatron's
+    ``MCoreLoadPlanner`` and ``load_common_state_dict`` use) reads a checkpoint's
+    non-tensor items (iteration, schedule state, param groups) with
+    ``torch.load(weights_only=False)``; make it ``weights_only=True`` (plain containers,
+    numbers, strings, tensors). Tensors are read weights-only by torch already."""
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    if getattr(DefaultLoadPlanner, "_asyncmesh_weights_only", False):
+        return
+
+    def load_bytes(self, read_item, value) -> None:   # DefaultLoadPlanner's, weights-only
+        import torch
+
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn],
+                        loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+    DefaultLoadPlanner.load_bytes = load_bytes
+    DefaultLoadPlanner._asyncmesh_weights_only = True
+
+
 def verify(directory: str, cfg: Optional[TrainConfig] = None,
-           vocab_size: Optional[int] = None, dp: Optional[int] = None) -> dict:
+           vocab_size: Optional[int] = None, dp: Optional[int] = None,
+           reshard: bool = False) -> dict:
     """Check a checkpoint before reading a byte of it: complete, not newer than this
     code, files intact, and (given ``cfg``, the padded vocabulary and DP) the same model
-    shape and layout. Raises CheckpointError; returns the metadata."""
+    shape and layout (``reshard``: any pipeline size; the converter's loads). Raises
+    CheckpointError; returns the metadata."""
     path = os.path.join(directory, META)
     if not os.path.isfile(path):
         raise CheckpointError(
@@ -113,6 +181,9 @@ def verify(directory: str, cfg: Optional[TrainConfig] = None,
         if _sha256(file) != info["sha256"]:
             raise CheckpointError(f"{directory}: file {rel} does not match its checksum "
                                   f"(corrupted); load an earlier checkpoint.")
+        if os.path.basename(rel) == ".metadata":
+            check_pickle(file)
+    weights_only_bytes()               # every load after this check reads weights-only
     if cfg is not None:
         saved, mine = meta["layout"], _layout(cfg, vocab_size, dp)
         shape = {f: (saved.get(f), mine[f]) for f in (*SHAPE_FIELDS, "padded_vocab_size")
@@ -122,11 +193,15 @@ def verify(directory: str, cfg: Optional[TrainConfig] = None,
                 f"{directory} holds a different model: "
                 + ", ".join(f"{k} saved {a!r} vs now {b!r}" for k, (a, b) in shape.items())
                 + ". Use the same model flags (and tokenizer, for the vocabulary).")
+        if meta.get("contents", "full") == "model":
+            return meta                   # weights only: any layout, fresh optimizer
         pp = saved["pipeline_model_parallel_size"], mine["pipeline_model_parallel_size"]
-        if pp[0] != pp[1]:
+        if pp[0] != pp[1] and not reshard:
             raise CheckpointError(
                 f"{directory} was saved with --pipeline-model-parallel-size {pp[0]}, this "
-                f"run has {pp[1]}: resume with {pp[0]} stages.")
+                f"run has {pp[1]}: resume with {pp[0]} stages, or reshard it first: "
+                f"python tools/convert_checkpoint.py reshard --input {directory} "
+                f"--output NEW_DIR --pipeline-model-parallel-size {pp[1]}")
         dp = saved["data_parallel_size"], mine["data_parallel_size"]
         if mine["dp_averaging"] == "sparse" and saved["dp_averaging"] == "sparse" and \
                 dp[0] != dp[1]:
@@ -290,20 +365,31 @@ def _keep_last(root: str, keep: int) -> None:
 
 
 def load(cfg: TrainConfig, model, optimizer, scheduler,
-         num_microbatches: Optional[int] = None, averager=None) -> Tuple[int, Dict[int, List]]:
-    """Load the latest checkpoint under ``--load``; return its iteration and, for a
-    no-flush pipeline, the older weight versions to hand to the schedule
-    (``schedule.restore_versions``)."""
+         num_microbatches: Optional[int] = None, averager=None, reshard: bool = False,
+         iteration_path: Optional[str] = None) -> Tuple[int, Dict[int, List]]:
+    """Load the latest checkpoint under ``--load`` (or ``iteration_path``); return its
+    iteration and, for a no-flush pipeline, the older weight versions to hand to the
+    schedule (``schedule.restore_versions``). A weights-only checkpoint (imported)
+    loads the model and starts at iteration 0. ``reshard``: the converter's load at
+    another pipeline size."""
     from megatron.core import dist_checkpointing
 
-    latest = os.path.join(cfg.load, LATEST)
-    if not os.path.isfile(latest):
-        raise ConfigError(f"--load {cfg.load!r}: no {LATEST} there, so no complete "
-                          f"checkpoint to resume from.")
-    with open(latest) as f:
-        iteration = int(f.read().strip())
-    path = _iter_dir(cfg.load, iteration)
-    verify(path, cfg, model.module.vocab_size, _dp())
+    if iteration_path is None:
+        latest = os.path.join(cfg.load, LATEST)
+        if not os.path.isfile(latest):
+            raise ConfigError(f"--load {cfg.load!r}: no {LATEST} there, so no complete "
+                              f"checkpoint to resume from.")
+        with open(latest) as f:
+            iteration = int(f.read().strip())
+        path = _iter_dir(cfg.load, iteration)
+    else:
+        path = iteration_path
+    meta = verify(path, cfg, model.module.vocab_size, _dp(), reshard=reshard)
+    iteration = meta["iteration"]
+    if meta.get("contents", "full") == "model":
+        state = dist_checkpointing.load({"model": model.module.sharded_state_dict()}, path)
+        model.module.load_state_dict(state["model"])
+        return 0, {}
     pipeline = {}
     common = dist_checkpointing.load_common_state_dict(path)
     saved_dp = common.get("dp_averaging_mode", "none")

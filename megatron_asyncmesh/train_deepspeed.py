@@ -83,6 +83,26 @@ def comm_bytes() -> dict:
             for op, sizes in dscomm.comms_logger.comms_dict.items()}
 
 
+def save_zero_checkpoint(cfg: TrainConfig, engine, zero_stage: int, padded_vocab: int) -> None:
+    """DeepSpeed's own checkpoint (``engine.save_checkpoint``) plus the model config the
+    converter needs, written last (atomically): ``tools/convert_checkpoint.py
+    zero-export`` consolidates it with DeepSpeed's ``zero_to_fp32``."""
+    import json
+
+    import torch.distributed as dist
+
+    from megatron_asyncmesh.convert import DS_CONFIG
+
+    engine.save_checkpoint(cfg.save, tag=f"global_step{cfg.train_iters}")
+    if dist.get_rank() == 0:
+        tmp = os.path.join(cfg.save, DS_CONFIG + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"config": cfg.to_dict(), "padded_vocab_size": padded_vocab,
+                       "zero_stage": zero_stage, "iteration": cfg.train_iters}, f, indent=1)
+        os.replace(tmp, os.path.join(cfg.save, DS_CONFIG))
+    dist.barrier()
+
+
 def run(cfg: TrainConfig, zero_stage: int) -> dict:
     import deepspeed
     import deepspeed.comm as dscomm
@@ -120,6 +140,14 @@ def run(cfg: TrainConfig, zero_stage: int) -> dict:
             f"reduce-scatters gradients from backward hooks and keeps a slice of each "
             f"gradient, ZeRO-3 a slice of each parameter, so there are no independent whole "
             f"replicas to average. Use --zero-stage 0 or 1.")
+    if cfg.load:
+        raise ConfigError("train_deepspeed does not resume (--load); its --save writes the "
+                          "final DeepSpeed checkpoint for tools/convert_checkpoint.py "
+                          "zero-export. Resumable runs: megatron_asyncmesh.train.")
+    if cfg.save and acfg is not None:
+        raise ConfigError("train_deepspeed --save with --dp-averaging sparse: DeepSpeed "
+                          "writes one model for all data-parallel ranks, and sparse "
+                          "replicas differ. Save sparse runs with megatron_asyncmesh.train.")
     t_start = time.time()
     launcher = mdist.init_distributed()
     threads = mdist.set_cpu_threads(cfg)
@@ -229,6 +257,8 @@ def run(cfg: TrainConfig, zero_stage: int) -> dict:
         elif writer.enabled:
             writer.progress(step)
     writer.close()
+    if cfg.save:
+        save_zero_checkpoint(cfg, engine, zero_stage, model.vocab_size)
     if averager is not None:
         averager.wait_in_flight()
     by_op = comm_bytes()
