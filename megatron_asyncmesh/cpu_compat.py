@@ -276,6 +276,13 @@ def _patch_torch_cuda() -> None:
 
 
 def _patch_tensors_and_modules() -> None:
+    # ``with torch.device(...)`` recognises factory calls by looking them up in a cached
+    # set of torch's constructors: fill that cache with the originals first (the
+    # wrappers call them), or device contexts such as transformers' meta-device model
+    # construction would silently allocate on the CPU.
+    import torch.utils._device
+
+    torch.utils._device._device_constructors()
     for name in _FACTORIES:
         fn = getattr(torch, name, None)
         if fn is not None and not hasattr(fn, "__asyncmesh_wrapped__"):

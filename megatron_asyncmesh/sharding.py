@@ -11,13 +11,22 @@ import torch
 
 def sharded_params(model_sharded_state_dict) -> Dict[int, object]:
     """id(model parameter) -> its ShardedTensor in the model's sharded state dict."""
+    from types import SimpleNamespace
+
     from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     out = {}
     for v in nested_values(model_sharded_state_dict):
         if isinstance(v, ShardedTensor) and isinstance(v.data, torch.Tensor):
             out.setdefault(id(v.data), v)
+        elif isinstance(v, ShardedTensorFactory) and isinstance(v.data, torch.Tensor):
+            # e.g. SwiGLU's fc1, saved as two halves: its key, and the layer offsets
+            # (prepended axes) of the halves it builds.
+            part = next(t for t in nested_values(v.build()) if isinstance(t, ShardedTensor))
+            out.setdefault(id(v.data), SimpleNamespace(
+                key=v.key, global_offset=part.global_offset,
+                prepend_axis_num=part.prepend_axis_num))
     return out
 
 
