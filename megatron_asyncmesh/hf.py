@@ -116,7 +116,7 @@ def config_overrides(hf: dict) -> dict:
     raise ConfigError(f"Hugging Face model_type {kind!r}: import supports gpt2 and llama.")
 
 
-def _layer_pairs(kind: str, i: int, bias: bool):
+def _layer_pairs(kind: str, i: int):
     """(megatron name, hf name) pairs mapped by identity within layer ``i``."""
     m, out = f"decoder.layers.{i}.", []
     if kind == "gpt2":
@@ -137,7 +137,7 @@ def to_hf(state: Tensors, cfg: TrainConfig) -> Tuple[str, Tensors]:
     t = {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
     for i in range(cfg.num_layers):
         m = f"decoder.layers.{i}."
-        for mn, hn in _layer_pairs(kind, i, True):
+        for mn, hn in _layer_pairs(kind, i):
             out[hn] = t[mn]
         q, k, v = _split_qkv(t[m + "self_attention.linear_qkv.weight"], heads)
         if kind == "gpt2":
@@ -191,7 +191,7 @@ def from_hf(hf: Tensors, cfg: TrainConfig) -> Tensors:
 
     for i in range(cfg.num_layers):
         m = f"decoder.layers.{i}."
-        for mn, hn in _layer_pairs(kind, i, True):
+        for mn, hn in _layer_pairs(kind, i):
             out[mn] = take(hn)
         if kind == "gpt2":
             h = f"transformer.h.{i}."

@@ -105,7 +105,9 @@ def final_table(summary: Dict[str, Any]) -> str:
         ("first val_loss", f"{val[0]['val_loss']:.4f}" if val else "n/a"),
         ("final val_loss", _fmt(summary.get("final_val_loss"))),
         ("final train loss", _fmt(summary.get("final_train_loss"))),
-        ("tokens/s", f"{summary.get('tokens_per_s', 0):.0f}"),
+        # None when no step was timed (a resumed run with one step left).
+        ("tokens/s", "n/a" if summary.get("tokens_per_s") is None
+         else f"{summary['tokens_per_s']:.0f}"),
         ("wall time (s)", f"{summary.get('wall_time_s', 0):.1f}"),
         ("peak RSS per rank (MB)", ", ".join(f"{x:.0f}" for x in summary.get("peak_rss_mb", []))),
         ("run dir", summary.get("run_dir")),

@@ -103,3 +103,19 @@ def train(run_dir: str, nproc: int = 1, args: Sequence[str] = (), launcher: str 
 def read_summary(run_dir: str) -> dict:
     with open(os.path.join(run_dir, "summary.json")) as f:
         return json.load(f)
+
+
+def tool(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``tools/<name>``; raise with its output unless it succeeded (``check``)."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", name), *args],
+                          capture_output=True, text=True, env=env_for_ranks(), cwd=REPO,
+                          timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} {' '.join(args)}: exit {proc.returncode}\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def evaluate(*args) -> dict:
+    """tools/evaluate.py's JSON result."""
+    return json.loads(tool("evaluate.py", *args).stdout.strip().splitlines()[-1])

@@ -33,6 +33,16 @@ def test_cuda_allocations_land_on_cpu():
     assert torch.zeros(1, device="cpu").device.type == "cpu"
 
 
+def test_device_contexts_still_apply_to_wrapped_factories():
+    """``with torch.device('meta')`` (transformers builds models this way) must still
+    place factory calls: the layer wraps torch.empty & co."""
+    with torch.device("meta"):
+        made = [torch.empty(3), torch.arange(4), torch.zeros(2, 2), torch.randn(2)]
+    assert all(t.device.type == "meta" for t in made)
+    with torch.device("meta"):
+        assert torch.empty(2, device="cuda").device.type == "cpu"   # explicit device wins
+
+
 def test_cuda_rng_is_a_separate_cpu_generator():
     torch.cuda.manual_seed(7)
     state = torch.cuda.get_rng_state()

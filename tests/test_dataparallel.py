@@ -12,7 +12,7 @@ from megatron_asyncmesh.dataparallel.averaging import (
     AveragingConfig, BernoulliSelector, PartitionSelector,
     expected_elements_per_step, make_selector)
 from tests.dp_worker import make_model, train_step
-from tests.harness import REPO, launch, read_metrics, read_summary, train
+from tests.harness import REPO, evaluate, launch, read_metrics, read_summary, tool, train
 
 NUMELS = [1, 7, 100, 1001]
 KEYS = ["a", "b", "c", "d"]
@@ -253,12 +253,22 @@ def _deepspeed_run(tmp_path, name, data_args, *extra, launcher="torchrun"):
 def test_zero3_baseline_is_megatron_data_parallel(tmp_path, data_args, megatron_sync):
     """The ZeRO baseline trains the same GPT on the same samples: DeepSpeed ZeRO-3
     (deepspeed.initialize, its own partitioning) matches Megatron's DDP step by step;
-    the comms logger saw ZeRO-3's reduce-scatter and all-gather."""
-    zero3 = _deepspeed_run(tmp_path, "zero3", data_args, "--zero-stage", "3")
+    the comms logger saw ZeRO-3's reduce-scatter and all-gather. Its checkpoint
+    (parameters partitioned over the 2 ranks), consolidated by DeepSpeed's zero_to_fp32
+    and exported to Hugging Face (GPT-2 style), has the validation loss the run measured."""
+    ckpt, hf = str(tmp_path / "zero3_ckpt"), str(tmp_path / "zero3_hf")
+    zero3 = _deepspeed_run(tmp_path, "zero3", data_args, "--zero-stage", "3", "--save", ckpt)
     _close(megatron_sync, zero3)
     ops = zero3[2]["per_rank"][0]["comm_bytes_by_op"]
     params = zero3[2]["parameters"]
     assert ops["reduce_scatter_tensor"] >= 6 * 4 * params * 0.99     # every step's gradients
+
+    tool("convert_checkpoint.py", "zero-export", "--input", ckpt, "--output", hf)
+    with open(os.path.join(hf, "config.json")) as f:
+        config = json.load(f)
+    assert config["model_type"] == "gpt2" and config["tie_word_embeddings"] is True
+    assert evaluate("--hf", hf)["val_loss"] == pytest.approx(zero3[2]["final_val_loss"],
+                                                             abs=1e-5)
 
 
 def test_deepspeed_engine_with_sparse_averaging_hook(tmp_path, data_args, megatron_sync):
