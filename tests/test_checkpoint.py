@@ -1,6 +1,7 @@
 """--save/--load through Megatron's dist_checkpointing: resume equals never stopping."""
 
 import json
+import math
 import os
 import shutil
 
@@ -12,23 +13,29 @@ COMMON = ["--train-iters", "8", "--lr-warmup-iters", "2", "--eval-interval", "10
           "--eval-iters", "1", "--pipeline-model-parallel-size", "2"]
 
 
-@pytest.mark.parametrize("opt_args", [
-    [],
-    ["--optimizer", "soap", "--soap-precondition-frequency", "3"],
+@pytest.mark.parametrize("opt_args,expect", [
+    # (flush + Adam resumes in test_kill_a_rank_in_the_middle_of_a_save.)
+    (["--optimizer", "soap", "--soap-precondition-frequency", "3"],
+     {"0": {"soap_refresh_every": 3}, "1": {"soap_refresh_every": 3}}),
     # No-flush pipelines: the checkpoint also holds the previous step's weights, on which
     # the resumed step's microbatches run (2bw everywhere, stash at stage 0), and the
     # error-feedback buffer (stash: stage 1 has no delay, so no buffer).
-    ["--pipeline-schedule", "stash", "--untie-embeddings-and-output-weights",
-     "--optimizer", "nadamw", "--delay-error-feedback", "1.0"],
-    ["--pipeline-schedule", "2bw", "--untie-embeddings-and-output-weights",
-     "--optimizer", "muon", "--delay-error-feedback", "0.5"],
+    (["--pipeline-schedule", "stash", "--untie-embeddings-and-output-weights",
+      "--optimizer", "nadamw", "--delay-error-feedback", "1.0"],
+     # error feedback scales alpha by the stage's delay
+     {"0": {"delay": 0.25, "error_feedback_alpha": 0.25}, "1": {"delay": 0.0}}),
+    (["--pipeline-schedule", "2bw", "--untie-embeddings-and-output-weights",
+      "--optimizer", "muon", "--delay-error-feedback", "0.5"],
+     {"0": {"delay": 1.0, "error_feedback_alpha": 0.5},
+      "1": {"delay": 1.0, "error_feedback_alpha": 0.5}}),
     # The full asynchronous mesh, PP = 2 x DP = 2: every replica's own weights and
     # optimizer state, its averages still waiting for their delay and its drift EMA.
-    ["--pipeline-schedule", "2bw", "--untie-embeddings-and-output-weights",
-     "--optimizer", "nadamw", "--dp-averaging", "sparse", "--dp-fraction", "0.25",
-     "--dp-delay", "2", "--dp-correction", "ema", "--dp-ema-start", "3"],
-], ids=["adam", "soap", "stash-nadamw-ef", "2bw-muon-ef", "mesh-2bw-nadamw-sparse"])
-def test_resume_matches_straight_run(tmp_path, data_args, opt_args):
+    (["--pipeline-schedule", "2bw", "--untie-embeddings-and-output-weights",
+      "--optimizer", "nadamw", "--dp-averaging", "sparse", "--dp-fraction", "0.25",
+      "--dp-delay", "2", "--dp-correction", "ema", "--dp-ema-start", "3"],
+     {"0": {"delay": 1.0}, "1": {"delay": 1.0}}),
+], ids=["soap", "stash-nadamw-ef", "2bw-muon-ef", "mesh-2bw-nadamw-sparse"])
+def test_resume_matches_straight_run(tmp_path, data_args, opt_args, expect):
     """Optimizer state (NAdam's mu_product, Muon's momentum, SOAP's factors / basis /
     refresh phase, error feedback), the pipeline's weight versions and the sparse
     averaging's state go through Megatron's sharded_state_dict: resuming from step 4
@@ -41,9 +48,18 @@ def test_resume_matches_straight_run(tmp_path, data_args, opt_args):
     # drains a no-flush pipeline, which does not change what it computes).
     train(first, nproc, [*args, "--save", ckpt, "--save-interval", "4"],
           launcher="deepspeed" if nproc == 4 else "torchrun")
+    # Every method trains under its schedule, with the stage delays derived from it.
+    losses = [r["loss"] for r in read_metrics(first)[0]]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 0.1, losses
+    stages = read_summary(first)["stage_optimizer"]
+    for stage, fields in expect.items():
+        for k, v in fields.items():
+            assert stages[stage][k] == pytest.approx(v), (stage, k, stages[stage])
     if nproc == 4:        # the full mesh, from the training entry point under `deepspeed`
         s = read_summary(first)
         assert s["world_size"] == 4 and s["data_parallel_size"] == 2
+        assert s["launcher"] == "env"
         stats = s["dp_averaging_stats"]
         assert all(a["steps"] == 8 and a["replicas"] == 2 and a["bytes_sent"] > 0
                    for a in stats)

@@ -69,17 +69,17 @@ def llama_run(tmp_path_factory, tiny_data):
             tiny_data["tokenizer_model"]]
     train(run, 4, [*data, *STEPS, *LLAMA, "--pipeline-model-parallel-size", "4",
                    "--pipeline-schedule", "2bw", "--save", str(root / "pp4")])
-    return {"root": root, "run": run, "pp4": str(root / "pp4"), "data": data}
+    tool("convert_checkpoint.py", "reshard", "--input", str(root / "pp4"), "--output",
+         str(root / "pp2"), "--pipeline-model-parallel-size", "2")
+    return {"root": root, "run": run, "pp4": str(root / "pp4"), "pp2": str(root / "pp2"),
+            "data": data}
 
 
 def test_reshard_4_2_1_is_lossless(llama_run):
     """P = 4 -> 2 -> 1: every tensor (weights, Adam moments, 2bw's previous weights)
     bitwise equal, so the validation loss is identical, and equal to what the P = 4
     training run itself measured."""
-    root = llama_run["root"]
-    pp2, pp1 = str(root / "pp2"), str(root / "pp1")
-    tool("convert_checkpoint.py", "reshard", "--input", llama_run["pp4"], "--output", pp2,
-         "--pipeline-model-parallel-size", "2")
+    pp2, pp1 = llama_run["pp2"], str(llama_run["root"] / "pp1")
     tool("convert_checkpoint.py", "reshard", "--input", pp2, "--output", pp1,
          "--pipeline-model-parallel-size", "1")
     metas = [json.load(open(os.path.join(d, "iter_0000006", "asyncmesh_meta.json")))
@@ -99,17 +99,18 @@ def test_reshard_4_2_1_is_lossless(llama_run):
 
 
 def test_hf_export_parity_and_round_trip(llama_run, tiny_data):
-    """Llama-style export of a P = 4 checkpoint: transformers' logits within 1e-4 of the
+    """Llama-style export of a P = 2 checkpoint: transformers' logits within 1e-4 of the
     Megatron model's, the same validation loss, the tokenizer gives SentencePiece's
-    ids; importing the export gives back every weight bitwise."""
+    ids; importing the export gives back every weight bitwise, and an asynchronous
+    (2bw) run continues from the import, starting at the exported model's loss."""
     import sentencepiece as spm
     from transformers import AutoConfig, AutoTokenizer
 
     root = llama_run["root"]
     hf, back = str(root / "hf"), str(root / "imported")
-    tool("convert_checkpoint.py", "hf-export", "--input", llama_run["pp4"], "--output", hf)
+    tool("convert_checkpoint.py", "hf-export", "--input", llama_run["pp2"], "--output", hf)
     assert AutoConfig.from_pretrained(hf).model_type == "llama"
-    mine = evaluate("--checkpoint", llama_run["pp4"], "--logits-out", str(root / "m.pt"))
+    mine = evaluate("--checkpoint", llama_run["pp2"], "--logits-out", str(root / "m.pt"))
     theirs = evaluate("--hf", hf, "--logits-out", str(root / "h.pt"))
     import torch
 
@@ -129,11 +130,19 @@ def test_hf_export_parity_and_round_trip(llama_run, tiny_data):
     tool("convert_checkpoint.py", "hf-import", "--input", hf, "--output", back)
     meta = json.load(open(os.path.join(back, "iter_0000000", "asyncmesh_meta.json")))
     assert meta["contents"] == "model"
-    report = compare_checkpoints(back, llama_run["pp4"])[llama_run["pp4"]]
+    report = compare_checkpoints(back, llama_run["pp2"])[llama_run["pp2"]]
     # Layers stacked (one tensor per kind): the word embedding, 6 layer tensors (2 norms,
     # QKV, projection, SwiGLU fc1, fc2), the final norm, the output layer.
     assert report["compared"] == 9 and not report["missing"] and not report["different"]
     assert report["groups"] == ["decoder", "embedding", "output_layer"]
+
+    cont = str(root / "continued")
+    train(cont, 2, [*llama_run["data"], *LLAMA, "--pipeline-model-parallel-size", "2",
+                    "--pipeline-schedule", "2bw", "--train-iters", "2", "--lr-warmup-iters",
+                    "1", "--eval-interval", "100", "--eval-iters", "2", "--load", back])
+    history = read_summary(cont)["val_loss_history"]
+    assert history[0]["step"] == 0 and history[-1]["step"] == 2
+    assert history[0]["val_loss"] == pytest.approx(theirs["val_loss"], abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -47,5 +47,12 @@ def test_layouts_match_single_process(tmp_path, data_args, reference, nproc, pp,
     summary = read_summary(run_dir)
     assert summary["pipeline_model_parallel_size"] == pp
     assert summary["data_parallel_size"] == nproc // pp
+    assert summary["launcher"] == "env"                  # torchrun (mpirun, deepspeed:
+    # tests/test_launchers.py, tests/test_checkpoint.py's mesh)
+    # Megatron's own 1F1B (flush) recorded on the timeline: no delay, stages idle part
+    # of the time (the bubble).
+    assert summary["pipeline_schedule"] == "flush"
+    assert summary["stage_delay"]["0"]["max"] == 0
+    assert all(0.0 < u < 1.0 for u in summary["stage_utilization"].values())
     # Learning happened (the parity is not between two frozen models).
     assert ref_val[-1] < ref_val[0] - 0.3

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.harness import read_summary, train
+from tests.harness import TINY, read_summary, train
 
 STEPS = ["--train-iters", "8", "--eval-interval", "4", "--eval-iters", "1", "--log-interval", "1"]
 
@@ -44,24 +44,30 @@ def test_entry_point_trains_and_reports(tmp_path, data_args, mode):
     assert os.path.getsize(os.path.join(run_dir, "timeline.png")) > 10_000
 
 
-def test_flush_run_records_megatron_timeline(tmp_path, data_args):
-    run_dir = str(tmp_path)
-    train(run_dir, 2, [*data_args, *STEPS, "--pipeline-model-parallel-size", "2"])
-    s = read_summary(run_dir)
-    assert s["pipeline_schedule"] == "flush"
-    assert s["stage_delay"]["0"]["max"] == 0
-    assert all(0.0 < u < 1.0 for u in s["stage_utilization"].values())
+def test_too_few_microbatches_for_a_no_flush_pipeline(tmp_path, data_args):
+    """Found by the schedule at start-up (it needs the layout): every rank stops."""
+    res = train(str(tmp_path), 2, [*data_args, *STEPS, "--pipeline-model-parallel-size", "2",
+                                   "--pipeline-schedule", "2bw",
+                                   "--untie-embeddings-and-output-weights",
+                                   "--global-batch-size", "2", "--micro-batch-size", "2"],
+                check=False)
+    assert res.returncode != 0 and not res.timed_out
+    assert "M >= P" in res.output and "error:" in res.output
 
 
 @pytest.mark.parametrize("args,message", [
     (["--pipeline-schedule", "2bw"], "--untie-embeddings-and-output-weights"),
-    (["--pipeline-schedule", "2bw", "--untie-embeddings-and-output-weights",
-      "--global-batch-size", "2", "--micro-batch-size", "2"], "M >= P"),
     (["--pipeline-schedule", "sync"], "invalid choice: 'sync'"),
-], ids=["tied", "too-few-microbatches", "unknown-mode"])
-def test_bad_schedule_arguments(tmp_path, data_args, args, message):
-    res = train(str(tmp_path), 2, [*data_args, *STEPS, "--pipeline-model-parallel-size", "2",
-                                   *args], check=False)
-    assert res.returncode != 0
-    assert message in res.output
-    assert "error: " in res.output or "error:" in res.output
+], ids=["tied", "unknown-mode"])
+def test_bad_schedule_arguments(capsys, args, message):
+    """Refused while parsing, before any process group exists."""
+    from megatron_asyncmesh import train as entry
+
+    try:
+        code = entry.main(["--config", TINY, *STEPS, "--pipeline-model-parallel-size", "2",
+                           *args])
+    except SystemExit as exc:           # argparse's own refusal
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "error:" in err
