@@ -20,10 +20,13 @@ COMMON = ["--train-iters", "8", "--lr-warmup-iters", "2", "--eval-interval", "10
     # No-flush pipelines: the checkpoint also holds the previous step's weights, on which
     # the resumed step's microbatches run (2bw everywhere, stash at stage 0), and the
     # error-feedback buffer (stash: stage 1 has no delay, so no buffer).
+    # (+ the PipeMare learning-rate correction, whose annealing continues after a resume)
     (["--pipeline-schedule", "stash", "--untie-embeddings-and-output-weights",
-      "--optimizer", "nadamw", "--delay-error-feedback", "1.0"],
+      "--optimizer", "nadamw", "--delay-error-feedback", "1.0", "--pipemare-anneal-iters",
+      "6"],
      # error feedback scales alpha by the stage's delay
-     {"0": {"delay": 0.25, "error_feedback_alpha": 0.25}, "1": {"delay": 0.0}}),
+     {"0": {"delay": 0.25, "error_feedback_alpha": 0.25, "pipemare_tau": 1.25},
+      "1": {"delay": 0.0}}),
     (["--pipeline-schedule", "2bw", "--untie-embeddings-and-output-weights",
       "--optimizer", "muon", "--delay-error-feedback", "0.5"],
      {"0": {"delay": 1.0, "error_feedback_alpha": 0.5},
@@ -34,7 +37,7 @@ COMMON = ["--train-iters", "8", "--lr-warmup-iters", "2", "--eval-interval", "10
       "--optimizer", "nadamw", "--dp-averaging", "sparse", "--dp-fraction", "0.25",
       "--dp-delay", "2", "--dp-correction", "ema", "--dp-ema-start", "3"],
      {"0": {"delay": 1.0}, "1": {"delay": 1.0}}),
-], ids=["soap", "stash-nadamw-ef", "2bw-muon-ef", "mesh-2bw-nadamw-sparse"])
+], ids=["soap", "stash-nadamw-ef-pipemare", "2bw-muon-ef", "mesh-2bw-nadamw-sparse"])
 def test_resume_matches_straight_run(tmp_path, data_args, opt_args, expect):
     """Optimizer state (NAdam's mu_product, Muon's momentum, SOAP's factors / basis /
     refresh phase, error feedback), the pipeline's weight versions and the sparse
@@ -56,6 +59,23 @@ def test_resume_matches_straight_run(tmp_path, data_args, opt_args, expect):
     for stage, fields in expect.items():
         for k, v in fields.items():
             assert stages[stage][k] == pytest.approx(v), (stage, k, stages[stage])
+    summary = read_summary(first)
+    if nproc == 2 and "--pipeline-schedule" in opt_args:
+        # Measured on the timeline (tests/test_pipeline_exact.py proves the semantics):
+        # 2bw delays every stage by one step; stash (P = 2, M = 4) one microbatch in
+        # four at stage 0, none at the last stage. Both stages busy, all phases seen.
+        delay = summary["stage_delay"]
+        if "2bw" in opt_args:
+            assert delay["0"]["max"] == delay["1"]["max"] == 1
+        else:
+            assert delay["0"]["max"] == 1 and 0 < delay["0"]["mean"] < 1
+            assert delay["1"]["max"] == 0
+        assert all(0.0 < u <= 1.0 for u in summary["stage_utilization"].values())
+        for r in range(2):
+            with open(os.path.join(first, "timeline", f"rank{r}.json")) as f:
+                kinds = {iv["kind"] for iv in json.load(f)["intervals"]}
+            assert {"F", "B", "STEP", "COMM"} <= kinds
+        assert os.path.getsize(os.path.join(first, "timeline.png")) > 10_000
     if nproc == 4:        # the full mesh, from the training entry point under `deepspeed`
         s = read_summary(first)
         assert s["world_size"] == 4 and s["data_parallel_size"] == 2
