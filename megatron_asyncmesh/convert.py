@@ -309,7 +309,7 @@ def import_hf(path: str, output: str, base: Optional[TrainConfig] = None,
 # --------------------------------------------------------------------------- ZeRO
 def export_zero(checkpoint: str, output: str, overwrite: bool = False, log=print) -> dict:
     """A DeepSpeed ZeRO (stage 0-3) checkpoint of ``train_deepspeed --save`` -> HF, via
-    DeepSpeed's own consolidation (``zero_to_fp32``)."""
+    DeepSpeed's own consolidation (``zero_to_fp32``) for stages 1-3."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     config_path = os.path.join(checkpoint, DS_CONFIG)
@@ -323,7 +323,15 @@ def export_zero(checkpoint: str, output: str, overwrite: bool = False, log=print
 
     hf.family(cfg)
     padded = saved["padded_vocab_size"]
-    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint)
+    if saved.get("zero_stage") == 0:
+        # No ZeRO partitions to merge (zero_to_fp32 handles stages 1-3): the engine saved
+        # the whole fp32 module; read weights-only.
+        with open(os.path.join(checkpoint, "latest")) as f:
+            tag = f.read().strip()
+        states = os.path.join(checkpoint, tag, "mp_rank_00_model_states.pt")
+        state = torch.load(states, map_location="cpu", weights_only=True)["module"]
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(checkpoint)
     tokenizer = cfg.tokenizer_model if cfg.tokenizer_model and \
         os.path.isfile(cfg.tokenizer_model) else None
     with output_dir(output, overwrite) as out, single_process(cfg) as cfg1:
