@@ -374,8 +374,10 @@ def reshard(checkpoint: str, output: str, pipeline_size: int, drop_async_state: 
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             lines = (proc.stdout + proc.stderr).splitlines()
-            reason = [ln for ln in lines if "Error:" in ln or "error:" in ln]
-            raise CheckpointError("resharding failed: " + (reason[-1] if reason else
+            # The workers' own refusal (see __main__ below), else the last lines.
+            reason = [ln.split("Error: ", 1)[1] for ln in lines
+                      if ln.startswith(("CheckpointError: ", "ConfigError: "))]
+            raise CheckpointError("resharding failed: " + (reason[0] if reason else
                                                           "\n".join(lines[-20:])))
     log(f"resharded {directory} (P = {layout['pipeline_model_parallel_size']}) to P = "
         f"{pipeline_size}: {output}")
@@ -385,6 +387,7 @@ def reshard(checkpoint: str, output: str, pipeline_size: int, drop_async_state: 
 def _reshard_worker(job: dict) -> None:
     """One rank of the P'-rank job that :func:`reshard` launches."""
     import torch.distributed as dist
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from megatron_asyncmesh import checkpoint as ckpt
     from megatron_asyncmesh import distributed as mdist
@@ -411,7 +414,7 @@ def _reshard_worker(job: dict) -> None:
                                     reshard=True, iteration_path=directory)
     except CheckpointError:
         raise
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:    # DCP's is a BaseException
         raise CheckpointError(
             f"{directory} cannot be loaded at P = {cfg.pipeline_model_parallel_size} "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). With "
