@@ -25,17 +25,14 @@ PROJECT_CONFIG = "asyncmesh_config.json"   # written by the exporters beside con
 
 
 def _validation_batches(cfg: TrainConfig):
-    from megatron_asyncmesh.data.datasets import build_gpt_datasets, eval_microbatches
-    from megatron_asyncmesh.train import resolve_data
+    from megatron_asyncmesh.data.datasets import eval_microbatches
+    from megatron_asyncmesh.train import build_run_datasets, resolve_data
 
     resolve_data(cfg)
-    gb = cfg.global_batch_size
-    data = build_gpt_datasets(
-        cfg.data_path, cfg.tokenizer_model, cfg.seq_length, cfg.seed, cfg.split,
-        train_samples=cfg.train_iters * gb, valid_samples=max(1, cfg.eval_iters) * gb,
-        cache_path=cfg.data_cache_path, needs_data=True)
+    data = build_run_datasets(cfg)
     return data, eval_microbatches(data.valid, cfg.micro_batch_size, 0, 1,
-                                   gb // cfg.micro_batch_size, cfg.eval_iters)
+                                   cfg.global_batch_size // cfg.micro_batch_size,
+                                   cfg.eval_iters)
 
 
 def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,19 @@ def resolve_data(cfg: TrainConfig) -> None:
         cfg.tokenizer_model = candidate
 
 
+def build_run_datasets(cfg: TrainConfig, needs_data: bool = True):
+    """The run's train / valid GPTDatasets, as every entry point builds them (after
+    :func:`resolve_data`; collective). ``tools/evaluate.py`` relies on getting the same
+    validation samples as training."""
+    from megatron_asyncmesh.data.datasets import build_gpt_datasets
+
+    gb = cfg.global_batch_size
+    return build_gpt_datasets(
+        cfg.data_path, cfg.tokenizer_model, cfg.seq_length, cfg.seed, cfg.split,
+        train_samples=cfg.train_iters * gb, valid_samples=max(1, cfg.eval_iters) * gb,
+        cache_path=cfg.data_cache_path, needs_data=needs_data)
+
+
 def build_stage(cfg: TrainConfig, vocab_size: int, num_microbatches: int):
     """This rank's stage as training runs it: the GPT stage in Megatron's DDP, the
     optimizer (with its stage-local / error-feedback wrappers), the LR schedule and
@@ -115,7 +128,7 @@ def run(cfg: TrainConfig) -> dict:
     from megatron_asyncmesh import checkpoint as ckpt
     from megatron_asyncmesh import distributed as mdist
     from megatron_asyncmesh.data.datasets import (
-        build_gpt_datasets, eval_microbatches, train_iterator)
+        eval_microbatches, train_iterator)
     from megatron_asyncmesh.metrics import RunWriter, final_table, peak_rss_mb, plot_losses
     from megatron_asyncmesh.pipeline.timeline import Timeline
     from megatron_asyncmesh.trainer import Trainer, reduce_records
@@ -133,10 +146,7 @@ def run(cfg: TrainConfig) -> dict:
                   or parallel_state.is_pipeline_last_stage())
     dp_rank = parallel_state.get_data_parallel_rank()
     gb = cfg.global_batch_size
-    data = build_gpt_datasets(
-        cfg.data_path, cfg.tokenizer_model, cfg.seq_length, cfg.seed, cfg.split,
-        train_samples=cfg.train_iters * gb, valid_samples=max(1, cfg.eval_iters) * gb,
-        cache_path=cfg.data_cache_path, needs_data=needs_data)
+    data = build_run_datasets(cfg, needs_data)
 
     model, optimizer, opt_info, scheduler, averager = build_stage(
         cfg, data.vocab_size, num_microbatches)

@@ -111,15 +111,14 @@ def run(cfg: TrainConfig, zero_stage: int) -> dict:
     from megatron.core import parallel_state
 
     from megatron_asyncmesh import distributed as mdist
-    from megatron_asyncmesh.data.datasets import build_gpt_datasets, eval_microbatches, \
-        train_iterator
+    from megatron_asyncmesh.data.datasets import eval_microbatches, train_iterator
     from megatron_asyncmesh.dataparallel.deepspeed_hook import ReplicaMPU, \
         attach_sparse_averaging
     from megatron_asyncmesh.dataparallel.megatron import averaging_config
     from megatron_asyncmesh.metrics import RunWriter, final_table, peak_rss_mb, plot_losses
     from megatron_asyncmesh.model import build_gpt_stage, global_parameter_names, \
         init_layout_independent
-    from megatron_asyncmesh.train import resolve_data
+    from megatron_asyncmesh.train import build_run_datasets, resolve_data
 
     if cfg.pipeline_model_parallel_size != 1:
         raise ConfigError(
@@ -158,10 +157,7 @@ def run(cfg: TrainConfig, zero_stage: int) -> dict:
     num_microbatches = cfg.num_microbatches(dp)
     resolve_data(cfg)
     gb = cfg.global_batch_size
-    data = build_gpt_datasets(
-        cfg.data_path, cfg.tokenizer_model, cfg.seq_length, cfg.seed, cfg.split,
-        train_samples=cfg.train_iters * gb, valid_samples=max(1, cfg.eval_iters) * gb,
-        cache_path=cfg.data_cache_path, needs_data=True)
+    data = build_run_datasets(cfg)
     model = build_gpt_stage(cfg, data.vocab_size)
     init_layout_independent(model, cfg)
     names = global_parameter_names(model)
