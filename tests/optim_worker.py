@@ -64,7 +64,8 @@ def reference_optimizers(optimizer: str, cfg, groups):
     if optimizer == "muon":
         return [adam, Muon(matrix, lr=cfg.lr, momentum=cfg.muon_momentum,
                            nesterov=cfg.muon_nesterov, weight_decay_method="decoupled",
-                           extra_scale_factor=cfg.muon_extra_scale_factor)]
+                           extra_scale_factor=cfg.muon_extra_scale_factor,
+                           fp32_matmul_prec=cfg.resolved_muon_fp32_matmul_prec())]
     if optimizer == "soap":
         return [adam, SOAP(matrix, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                            shampoo_beta=cfg.soap_shampoo_beta, eps=cfg.adam_eps,
@@ -143,7 +144,11 @@ def main(argv=None) -> int:
                    "kinds": kinds,
                    "wrapper": type(optimizer).__name__,
                    "inner": [type(getattr(o, "optimizer", o)).__name__
-                             for o in getattr(optimizer, "chained_optimizers", [optimizer])]},
+                             for o in getattr(optimizer, "chained_optimizers", [optimizer])],
+                   "matmul_prec": sorted({getattr(getattr(o, "optimizer", o),
+                                                  "fp32_matmul_prec", "-")
+                                          for o in getattr(optimizer, "chained_optimizers",
+                                                           [optimizer])})},
                   f)
     parallel_state.destroy_model_parallel()
     return 0

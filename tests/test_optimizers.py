@@ -51,6 +51,8 @@ def test_megatron_optimizer_matches_reference(tmp_path, optimizer, inner):
     assert sorted(res["inner"]) == sorted(inner)
     if optimizer != "nadamw":                   # matrices to the method, the rest to AdamW
         assert "matrix" in res["kinds"].values() and "other" in res["kinds"].values()
+    if optimizer == "muon":                     # fp32 Newton-Schulz on CPU (auto), not bf16
+        assert res["matmul_prec"] == ["-", "highest"], res["matmul_prec"]
 
 
 def test_error_feedback_state_survives_a_checkpoint(tmp_path):

@@ -46,10 +46,13 @@ RUNS = {                       # in the order the grid is run (most informative 
     "stash-adamw": ["--pipeline-schedule", "stash", "--optimizer", "adam"],
     "2bw-adamw": ["--pipeline-schedule", "2bw", "--optimizer", "adam"],
     "stash-nadamw": ["--pipeline-schedule", "stash", "--optimizer", "nadamw"],
-    "flush-muon": ["--pipeline-schedule", "flush", "--optimizer", "muon"],
-    "2bw-muon": ["--pipeline-schedule", "2bw", "--optimizer", "muon"],
+    # Muon's Newton-Schulz in fp32 on every machine, so the numbers compare across them
+    "flush-muon": ["--pipeline-schedule", "flush", "--optimizer", "muon",
+                   "--muon-fp32-matmul-prec", "highest"],
+    "2bw-muon": ["--pipeline-schedule", "2bw", "--optimizer", "muon",
+                 "--muon-fp32-matmul-prec", "highest"],
     "2bw-muon-ef": ["--pipeline-schedule", "2bw", "--optimizer", "muon",
-                    "--delay-error-feedback", "0.5"],
+                    "--muon-fp32-matmul-prec", "highest", "--delay-error-feedback", "0.5"],
     "stash-soap": ["--pipeline-schedule", "stash", "--optimizer", "soap"],
     "2bw-nadamw": ["--pipeline-schedule", "2bw", "--optimizer", "nadamw"],
     "2bw-soap": ["--pipeline-schedule", "2bw", "--optimizer", "soap"],
@@ -73,12 +76,9 @@ def run_one(out: str, name: str, args: list, pp: int) -> dict:
 
     run_dir = os.path.join(out, "runs", name)
     manifest = os.path.join(run_dir, "bench_args.json")
-    summary = os.path.join(run_dir, "summary.json")
-    if os.path.exists(summary) and os.path.exists(manifest):
-        with open(manifest) as f:
-            if json.load(f) == args:
-                print(f"{name}: reusing {run_dir}", flush=True)
-                return load(run_dir)
+    if is_current(run_dir, args):
+        print(f"{name}: reusing {run_dir}", flush=True)
+        return load(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(pp),
@@ -94,6 +94,15 @@ def run_one(out: str, name: str, args: list, pp: int) -> dict:
         json.dump(args, f)
     print(f"{name}: {time.time() - t0:.0f} s", flush=True)
     return load(run_dir)
+
+
+def is_current(run_dir: str, args: list) -> bool:
+    """The run finished (summary.json) with exactly these arguments."""
+    manifest = os.path.join(run_dir, "bench_args.json")
+    if not (os.path.exists(os.path.join(run_dir, "summary.json")) and os.path.exists(manifest)):
+        return False
+    with open(manifest) as f:
+        return json.load(f) == args
 
 
 def load(run_dir: str) -> dict:
@@ -190,7 +199,7 @@ def main(argv=None) -> int:
         args = run_args(name, a.steps, a.pp, data_args)
         run_dir = os.path.join(a.out, "runs", name)
         if a.report or (a.only and name not in a.only):
-            if os.path.exists(os.path.join(run_dir, "summary.json")):
+            if is_current(run_dir, args):        # a run made with other arguments is left out
                 results[name] = load(run_dir)
             continue
         results[name] = run_one(a.out, name, args, a.pp)
