@@ -12,6 +12,10 @@ Part 1, loopback (``--steps`` steps, default 600):
     sparse-avg-tau10     the AsyncSPARTA baseline (no drift correction)
     ds-sparse-ema-tau10  the same averaging as a DeepSpeed engine hook (ZeRO-0)
     mesh-2bw-nadamw      PP = 2 x DP = 2, 2bw + nadamw + sparse ema (4 ranks)
+    mesh-sync            PP = 2 x DP = 2, flush + AdamW + gradient all-reduce (its reference)
+    mesh-2bw-nadamw-allreduce   the asynchronous pipeline alone (gradient all-reduce kept)
+    dense-avg-tau0       parameter averaging of every coordinate every step (p = 1, tau = 0):
+                         what replacing gradient averaging by parameter averaging costs
 
 Part 2, a 100 Mbit/s link (``--link``): the two replicas in two network
 namespaces joined by a veth pair shaped with ``tc qdisc ... tbf``; a wider
@@ -71,7 +75,20 @@ RUNS = {   # name: (entry, nproc, extra args); "{ema}" is replaced by steps // 3
                                      "--pipeline-schedule", "2bw", "--optimizer", "nadamw",
                                      *SPARSE, "--dp-delay", "10", "--dp-correction", "ema",
                                      "--dp-ema-start", "{ema}"]),
+    # What the mesh's gap is made of: the synchronous PP = 2 x DP = 2 reference (flush,
+    # Megatron's gradient all-reduce) and the asynchronous pipeline alone (2bw + nadamw
+    # with the gradient all-reduce kept).
+    "mesh-sync": ("train", 4, ["--pipeline-model-parallel-size", "2",
+                               "--pipeline-schedule", "flush"]),
+    "mesh-2bw-nadamw-allreduce": ("train", 4, ["--pipeline-model-parallel-size", "2",
+                                               "--pipeline-schedule", "2bw", "--optimizer",
+                                               "nadamw"]),
+    # The cost of averaging parameters instead of gradients at all: every coordinate,
+    # every step, no delay (each replica keeps its own Adam state).
+    "dense-avg-tau0": ("train", 2, ["--dp-averaging", "sparse", "--dp-fraction", "1",
+                                    "--dp-delay", "0", "--dp-correction", "avg"]),
 }
+MESH_REFERENCE = "mesh-sync"
 LINK_RUNS = {
     "link-zero1": ["--zero-stage", "1"],
     "link-sparse-ema-tau10": ["--zero-stage", "0", *SPARSE, "--dp-delay", "10",
@@ -83,22 +100,35 @@ MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "429
           "MALLOC_TOP_PAD_": "268435456"}
 
 
-def run_args(name: str, steps: int) -> list:
+def model_args(global_batch: int) -> list:
+    args = list(MODEL)
+    args[args.index("--global-batch-size") + 1] = str(global_batch)
+    return args
+
+
+def run_args(name: str, steps: int, global_batch: int = 16) -> list:
     entry, _, extra = RUNS[name]
-    return [*MODEL, *[a.format(ema=steps // 3) for a in extra], "--train-iters", str(steps),
+    return [*model_args(global_batch), *[a.format(ema=steps // 3) for a in extra],
+            "--train-iters", str(steps),
             "--lr-warmup-iters", str(max(1, steps // 20)), "--eval-interval",
             str(max(1, steps // 12)), "--eval-iters", "4", "--num-threads", "1", "--no-progress"]
+
+
+def is_current(run_dir: str, args: list) -> bool:
+    """The run finished (its manifest is written last) with exactly these arguments."""
+    manifest = os.path.join(run_dir, "bench_args.json")
+    if not (os.path.exists(os.path.join(run_dir, "summary.json")) and os.path.exists(manifest)):
+        return False
+    with open(manifest) as f:
+        return json.load(f) == args
 
 
 def _fresh(run_dir: str, args: list, name: str) -> bool:
     """False when a finished run with the same arguments is there (reuse it); else an
     empty run directory is made and True returned."""
-    manifest = os.path.join(run_dir, "bench_args.json")
-    if os.path.exists(os.path.join(run_dir, "summary.json")) and os.path.exists(manifest):
-        with open(manifest) as f:
-            if json.load(f) == args:
-                print(f"{name}: reusing {run_dir}", flush=True)
-                return False
+    if is_current(run_dir, args):
+        print(f"{name}: reusing {run_dir}", flush=True)
+        return False
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
     return True
@@ -112,11 +142,11 @@ def _finish(run_dir: str, args: list, proc_rc: int, name: str, t0: float) -> Non
     print(f"{name}: {time.time() - t0:.0f} s", flush=True)
 
 
-def run_loopback(out: str, name: str, steps: int) -> dict:
+def run_loopback(out: str, name: str, steps: int, global_batch: int) -> dict:
     from megatron_asyncmesh.distributed import free_port
 
     entry, nproc, _ = RUNS[name]
-    args = run_args(name, steps)
+    args = run_args(name, steps, global_batch)
     run_dir = os.path.join(out, "runs", name)
     if not _fresh(run_dir, args, name):
         return load(run_dir)
@@ -233,19 +263,24 @@ def bytes_per_step(s: dict) -> dict:
     return {"grad_all_reduce": grad} if grad else {}
 
 
-def report(out: str, results: dict, link: dict, link_note: str) -> str:
+def report(out: str, results: dict, link: dict, link_note: str, global_batch: int = 16) -> str:
     ref = results.get(REFERENCE)
     zero1 = results.get("zero1")
     zero1_grad = (zero1 or {}).get("bytes_per_step", {}).get("all_reduce")
-    lines = ["# Data parallelism, DP = 2, equal tokens (loopback)", "",
+    lines = [f"# Data parallelism, DP = 2, equal tokens (loopback, global batch {global_batch} "
+             f"x {MODEL[MODEL.index('--seq-length') + 1]} tokens)", "",
              "| run | final val loss | vs megatron-sync | bytes/step/rank (by collective) | "
              "vs ZeRO-1 gradient bytes | tokens/s |", "|---|---|---|---|---|---|"]
+    mesh_ref = results.get(MESH_REFERENCE)
     for name in RUNS:
         r = results.get(name)
         if r is None:
             lines.append(f"| {name} | not run | | | | |")
             continue
         rel = f"{100 * (r['final_val_loss'] / ref['final_val_loss'] - 1):+.2f} %" if ref else ""
+        if name.startswith("mesh-") and name != MESH_REFERENCE and mesh_ref:
+            rel += (f" ({100 * (r['final_val_loss'] / mesh_ref['final_val_loss'] - 1):+.2f} % "
+                    f"vs {MESH_REFERENCE})")
         b = r["bytes_per_step"]
         total = sum(b.values())
         ratio = f"1/{zero1_grad / total:.1f}" if zero1_grad and total else ""
@@ -270,7 +305,7 @@ def report(out: str, results: dict, link: dict, link_note: str) -> str:
         f.write(text)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"loopback": results, "link": link, "link_note": link_note,
-                   "model_args": MODEL, "link_model_args": WIDE}, f, indent=1)
+                   "model_args": model_args(global_batch), "link_model_args": WIDE}, f, indent=1)
     plot(out, results)
     return text
 
@@ -307,6 +342,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/bench_dp")
     p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--global-batch-size", type=int, default=16,
+                   help="loopback part: sequences per step over both replicas (a multiple "
+                        "of 8: micro-batch 4 x DP 2)")
     p.add_argument("--only", nargs="+", choices=[*RUNS, *LINK_RUNS])
     p.add_argument("--report", action="store_true", help="only rebuild the table and plot")
     p.add_argument("--no-link", action="store_true", help="skip the shaped-link part")
@@ -318,10 +356,10 @@ def main(argv=None) -> int:
     for name in RUNS:
         run_dir = os.path.join(a.out, "runs", name)
         if a.report or (a.only and name not in a.only):
-            if os.path.exists(os.path.join(run_dir, "bench_args.json")):
+            if is_current(run_dir, run_args(name, a.steps, a.global_batch_size)):
                 results[name] = load(run_dir)
             continue
-        results[name] = run_loopback(a.out, name, a.steps)
+        results[name] = run_loopback(a.out, name, a.steps, a.global_batch_size)
     link_note = "--no-link" if a.no_link else link_available()
     wanted = [n for n in LINK_RUNS if not a.only or n in a.only]
     for name in LINK_RUNS:
@@ -338,7 +376,7 @@ def main(argv=None) -> int:
             link_down()
     elif link_note:
         print(f"shaped-link part skipped: {link_note}", flush=True)
-    print(report(a.out, results, link, link_note))
+    print(report(a.out, results, link, link_note, a.global_batch_size))
     return 0
 
 
