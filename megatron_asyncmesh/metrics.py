@@ -132,6 +132,43 @@ def read_metrics(run_dir: str):
     return train, val
 
 
+# --- benchmark runs (tools/bench_*.py): reused when made with the same arguments ---------
+BENCH_MANIFEST = "bench_args.json"       # a run's arguments, written last: marks it done
+
+
+def bench_run_is_current(run_dir: str, args: list) -> bool:
+    """The run finished (summary.json and its manifest) with exactly these arguments."""
+    manifest = os.path.join(run_dir, BENCH_MANIFEST)
+    if not (os.path.exists(os.path.join(run_dir, "summary.json")) and os.path.exists(manifest)):
+        return False
+    with open(manifest) as f:
+        return json.load(f) == args
+
+
+def start_bench_run(run_dir: str, args: list, name: str) -> bool:
+    """False when a finished run with the same arguments is there (reuse it); else an
+    empty run directory is made and True returned."""
+    import shutil
+
+    if bench_run_is_current(run_dir, args):
+        print(f"{name}: reusing {run_dir}", flush=True)
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir)
+    return True
+
+
+def finish_bench_run(run_dir: str, args: list, returncode: int, name: str, t0: float) -> None:
+    """Raise if the run failed; else write its manifest (last: a run without it is redone)."""
+    import time
+
+    if returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {returncode}); see {run_dir}/log.txt")
+    with open(os.path.join(run_dir, BENCH_MANIFEST), "w") as f:
+        json.dump(args, f)
+    print(f"{name}: {time.time() - t0:.0f} s", flush=True)
+
+
 def plot_losses(run_dir: str) -> Optional[str]:
     """loss.png: training loss and validation loss against steps."""
     path = os.path.join(run_dir, "metrics.jsonl")

@@ -139,16 +139,14 @@ def main(argv=None) -> int:
         diffs.append(max((own[n].detach() - r.detach()).abs().max().item()
                          for n, r in ref_params.items()))
     moved = max((own[n].detach() - q).abs().max().item() for n, q in initial.items())
+    inner = [getattr(o, "optimizer", o)
+             for o in getattr(optimizer, "chained_optimizers", [optimizer])]
     with open(a.out, "w") as f:
         json.dump({"diffs": diffs, "moved": moved, "info": info.as_dict(),
                    "kinds": kinds,
                    "wrapper": type(optimizer).__name__,
-                   "inner": [type(getattr(o, "optimizer", o)).__name__
-                             for o in getattr(optimizer, "chained_optimizers", [optimizer])],
-                   "matmul_prec": sorted({getattr(getattr(o, "optimizer", o),
-                                                  "fp32_matmul_prec", "-")
-                                          for o in getattr(optimizer, "chained_optimizers",
-                                                           [optimizer])})},
+                   "inner": [type(o).__name__ for o in inner],
+                   "matmul_prec": sorted({getattr(o, "fp32_matmul_prec", "-") for o in inner})},
                   f)
     parallel_state.destroy_model_parallel()
     return 0

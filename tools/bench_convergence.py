@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -73,14 +72,11 @@ def run_args(name: str, steps: int, pp: int, data_args) -> list:
 
 def run_one(out: str, name: str, args: list, pp: int) -> dict:
     from megatron_asyncmesh.distributed import free_port
+    from megatron_asyncmesh.metrics import finish_bench_run, start_bench_run
 
     run_dir = os.path.join(out, "runs", name)
-    manifest = os.path.join(run_dir, "bench_args.json")
-    if is_current(run_dir, args):
-        print(f"{name}: reusing {run_dir}", flush=True)
+    if not start_bench_run(run_dir, args, name):
         return load(run_dir)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    os.makedirs(run_dir)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(pp),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "megatron_asyncmesh.train", *args, "--run-dir", run_dir]
@@ -88,21 +84,8 @@ def run_one(out: str, name: str, args: list, pp: int) -> dict:
     t0 = time.time()
     with open(os.path.join(run_dir, "log.txt"), "w") as log:
         proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {run_dir}/log.txt")
-    with open(manifest, "w") as f:       # written last: a run without it is redone
-        json.dump(args, f)
-    print(f"{name}: {time.time() - t0:.0f} s", flush=True)
+    finish_bench_run(run_dir, args, proc.returncode, name, t0)
     return load(run_dir)
-
-
-def is_current(run_dir: str, args: list) -> bool:
-    """The run finished (summary.json) with exactly these arguments."""
-    manifest = os.path.join(run_dir, "bench_args.json")
-    if not (os.path.exists(os.path.join(run_dir, "summary.json")) and os.path.exists(manifest)):
-        return False
-    with open(manifest) as f:
-        return json.load(f) == args
 
 
 def load(run_dir: str) -> dict:
@@ -189,6 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer-model", default=None)
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
+    from megatron_asyncmesh.metrics import bench_run_is_current
+
     data_args = []
     if a.data_path:
         data_args += ["--data-path", a.data_path]
@@ -199,7 +184,8 @@ def main(argv=None) -> int:
         args = run_args(name, a.steps, a.pp, data_args)
         run_dir = os.path.join(a.out, "runs", name)
         if a.report or (a.only and name not in a.only):
-            if is_current(run_dir, args):        # a run made with other arguments is left out
+            # a run made with other arguments is left out
+            if bench_run_is_current(run_dir, args):
                 results[name] = load(run_dir)
             continue
         results[name] = run_one(a.out, name, args, a.pp)

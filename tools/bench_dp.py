@@ -114,41 +114,14 @@ def run_args(name: str, steps: int, global_batch: int = 16) -> list:
             str(max(1, steps // 12)), "--eval-iters", "4", "--num-threads", "1", "--no-progress"]
 
 
-def is_current(run_dir: str, args: list) -> bool:
-    """The run finished (its manifest is written last) with exactly these arguments."""
-    manifest = os.path.join(run_dir, "bench_args.json")
-    if not (os.path.exists(os.path.join(run_dir, "summary.json")) and os.path.exists(manifest)):
-        return False
-    with open(manifest) as f:
-        return json.load(f) == args
-
-
-def _fresh(run_dir: str, args: list, name: str) -> bool:
-    """False when a finished run with the same arguments is there (reuse it); else an
-    empty run directory is made and True returned."""
-    if is_current(run_dir, args):
-        print(f"{name}: reusing {run_dir}", flush=True)
-        return False
-    shutil.rmtree(run_dir, ignore_errors=True)
-    os.makedirs(run_dir)
-    return True
-
-
-def _finish(run_dir: str, args: list, proc_rc: int, name: str, t0: float) -> None:
-    if proc_rc != 0:
-        raise RuntimeError(f"{name} failed (exit {proc_rc}); see {run_dir}/log.txt")
-    with open(os.path.join(run_dir, "bench_args.json"), "w") as f:   # last: marks it done
-        json.dump(args, f)
-    print(f"{name}: {time.time() - t0:.0f} s", flush=True)
-
-
 def run_loopback(out: str, name: str, steps: int, global_batch: int) -> dict:
     from megatron_asyncmesh.distributed import free_port
+    from megatron_asyncmesh.metrics import finish_bench_run, start_bench_run
 
     entry, nproc, _ = RUNS[name]
     args = run_args(name, steps, global_batch)
     run_dir = os.path.join(out, "runs", name)
-    if not _fresh(run_dir, args, name):
+    if not start_bench_run(run_dir, args, name):
         return load(run_dir)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
@@ -158,7 +131,7 @@ def run_loopback(out: str, name: str, steps: int, global_batch: int) -> dict:
     t0 = time.time()
     with open(os.path.join(run_dir, "log.txt"), "w") as log:
         rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    _finish(run_dir, args, rc, name, t0)
+    finish_bench_run(run_dir, args, rc, name, t0)
     return load(run_dir)
 
 
@@ -202,11 +175,13 @@ def link_down() -> None:
 
 
 def run_link(out: str, name: str, steps: int, rate: str) -> dict:
+    from megatron_asyncmesh.metrics import finish_bench_run, start_bench_run
+
     args = [*WIDE, *LINK_RUNS[name], "--train-iters", str(steps), "--lr-warmup-iters", "2",
             "--eval-interval", str(steps), "--eval-iters", "1", "--num-threads", "1",
             "--no-progress", f"--link={rate}"]
     run_dir = os.path.join(out, "runs", name)
-    if not _fresh(run_dir, args, name):
+    if not start_bench_run(run_dir, args, name):
         return load(run_dir)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, DS_ACCELERATOR="cpu",
                PYTHONWARNINGS="ignore", **MALLOC)
@@ -227,7 +202,7 @@ def run_link(out: str, name: str, steps: int, rate: str) -> dict:
                 p.kill()
         for f in logs:
             f.close()
-    _finish(run_dir, args, max(rcs), name, t0)
+    finish_bench_run(run_dir, args, max(rcs), name, t0)
     return load(run_dir)
 
 
@@ -351,12 +326,14 @@ def main(argv=None) -> int:
     p.add_argument("--link-rate", default="100mbit")
     p.add_argument("--link-steps", type=int, default=20)
     a = p.parse_args(argv)
+    from megatron_asyncmesh.metrics import BENCH_MANIFEST, bench_run_is_current
+
     os.makedirs(a.out, exist_ok=True)
     results, link = {}, {}
     for name in RUNS:
         run_dir = os.path.join(a.out, "runs", name)
         if a.report or (a.only and name not in a.only):
-            if is_current(run_dir, run_args(name, a.steps, a.global_batch_size)):
+            if bench_run_is_current(run_dir, run_args(name, a.steps, a.global_batch_size)):
                 results[name] = load(run_dir)
             continue
         results[name] = run_loopback(a.out, name, a.steps, a.global_batch_size)
@@ -364,7 +341,7 @@ def main(argv=None) -> int:
     wanted = [n for n in LINK_RUNS if not a.only or n in a.only]
     for name in LINK_RUNS:
         run_dir = os.path.join(a.out, "runs", name)
-        if os.path.exists(os.path.join(run_dir, "bench_args.json")) and (
+        if os.path.exists(os.path.join(run_dir, BENCH_MANIFEST)) and (
                 a.report or link_note or name not in wanted):
             link[name] = load(run_dir)
     if not a.report and not link_note and wanted:

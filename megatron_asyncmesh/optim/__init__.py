@@ -117,8 +117,9 @@ def build_optimizer(cfg, model, stage: int, P: int, M: int):
                  cfg.use_layer_wise_distributed_optimizer)
     delay = stage_delay(cfg.pipeline_schedule, P, stage, M)
     info = StageOptimizerInfo(cfg.optimizer, stage, delay)
+    muon_prec = cfg.resolved_muon_fp32_matmul_prec()
     if cfg.optimizer == "muon":
-        info.muon_fp32_matmul_prec = cfg.resolved_muon_fp32_matmul_prec()
+        info.muon_fp32_matmul_prec = muon_prec
     name = cfg.optimizer
     if name in REGISTERED:
         name = REGISTERED[name]
@@ -132,7 +133,7 @@ def build_optimizer(cfg, model, stage: int, P: int, M: int):
         use_layer_wise_distributed_optimizer=cfg.use_layer_wise_distributed_optimizer,
         muon_momentum=cfg.muon_momentum, muon_nesterov=cfg.muon_nesterov,
         muon_split_qkv=cfg.muon_split_qkv, muon_extra_scale_factor=cfg.muon_extra_scale_factor,
-        muon_fp32_matmul_prec=cfg.resolved_muon_fp32_matmul_prec(),
+        muon_fp32_matmul_prec=muon_prec,
         muon_scalar_optimizer="adam")
     optimizer = get_megatron_optimizer(opt_cfg, [model])
     if cfg.use_layer_wise_distributed_optimizer and not cfg.bf16:
