@@ -100,26 +100,30 @@ MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "429
           "MALLOC_TOP_PAD_": "268435456"}
 
 
-def model_args(global_batch: int) -> list:
+def model_args(global_batch: int, lr: float | None = None) -> list:
     args = list(MODEL)
     args[args.index("--global-batch-size") + 1] = str(global_batch)
+    if lr is not None:      # the peak lr; the cosine schedule ends at a tenth of it
+        args[args.index("--lr") + 1] = f"{lr:g}"
+        args[args.index("--min-lr") + 1] = f"{lr / 10:g}"
     return args
 
 
-def run_args(name: str, steps: int, global_batch: int = 16) -> list:
+def run_args(name: str, steps: int, global_batch: int = 16, lr: float | None = None) -> list:
     entry, _, extra = RUNS[name]
-    return [*model_args(global_batch), *[a.format(ema=steps // 3) for a in extra],
+    return [*model_args(global_batch, lr), *[a.format(ema=steps // 3) for a in extra],
             "--train-iters", str(steps),
             "--lr-warmup-iters", str(max(1, steps // 20)), "--eval-interval",
             str(max(1, steps // 12)), "--eval-iters", "4", "--num-threads", "1", "--no-progress"]
 
 
-def run_loopback(out: str, name: str, steps: int, global_batch: int) -> dict:
+def run_loopback(out: str, name: str, steps: int, global_batch: int,
+                 lr: float | None = None) -> dict:
     from megatron_asyncmesh.distributed import free_port
     from megatron_asyncmesh.metrics import finish_bench_run, start_bench_run
 
     entry, nproc, _ = RUNS[name]
-    args = run_args(name, steps, global_batch)
+    args = run_args(name, steps, global_batch, lr)
     run_dir = os.path.join(out, "runs", name)
     if not start_bench_run(run_dir, args, name):
         return load(run_dir)
@@ -238,7 +242,8 @@ def bytes_per_step(s: dict) -> dict:
     return {"grad_all_reduce": grad} if grad else {}
 
 
-def report(out: str, results: dict, link: dict, link_note: str, global_batch: int = 16) -> str:
+def report(out: str, results: dict, link: dict, link_note: str, global_batch: int = 16,
+           lr: float | None = None) -> str:
     ref = results.get(REFERENCE)
     zero1 = results.get("zero1")
     zero1_grad = (zero1 or {}).get("bytes_per_step", {}).get("all_reduce")
@@ -280,7 +285,7 @@ def report(out: str, results: dict, link: dict, link_note: str, global_batch: in
         f.write(text)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"loopback": results, "link": link, "link_note": link_note,
-                   "model_args": model_args(global_batch), "link_model_args": WIDE}, f, indent=1)
+                   "model_args": model_args(global_batch, lr), "link_model_args": WIDE}, f, indent=1)
     plot(out, results)
     return text
 
@@ -320,6 +325,9 @@ def main(argv=None) -> int:
     p.add_argument("--global-batch-size", type=int, default=16,
                    help="loopback part: sequences per step over both replicas (a multiple "
                         "of 8: micro-batch 4 x DP 2)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="loopback part: peak lr of every run (default 2e-3); the cosine "
+                        "schedule decays to a tenth of it")
     p.add_argument("--only", nargs="+", choices=[*RUNS, *LINK_RUNS])
     p.add_argument("--report", action="store_true", help="only rebuild the table and plot")
     p.add_argument("--no-link", action="store_true", help="skip the shaped-link part")
@@ -333,10 +341,10 @@ def main(argv=None) -> int:
     for name in RUNS:
         run_dir = os.path.join(a.out, "runs", name)
         if a.report or (a.only and name not in a.only):
-            if bench_run_is_current(run_dir, run_args(name, a.steps, a.global_batch_size)):
+            if bench_run_is_current(run_dir, run_args(name, a.steps, a.global_batch_size, a.lr)):
                 results[name] = load(run_dir)
             continue
-        results[name] = run_loopback(a.out, name, a.steps, a.global_batch_size)
+        results[name] = run_loopback(a.out, name, a.steps, a.global_batch_size, a.lr)
     link_note = "--no-link" if a.no_link else link_available()
     wanted = [n for n in LINK_RUNS if not a.only or n in a.only]
     for name in LINK_RUNS:
@@ -353,7 +361,7 @@ def main(argv=None) -> int:
             link_down()
     elif link_note:
         print(f"shaped-link part skipped: {link_note}", flush=True)
-    print(report(a.out, results, link, link_note, a.global_batch_size))
+    print(report(a.out, results, link, link_note, a.global_batch_size, a.lr))
     return 0
 
 
