@@ -15,7 +15,8 @@ engine; ZeRO is DeepSpeed's own::
 With ``--dp-averaging sparse`` the engine gets ``mpu=ReplicaMPU()`` and
 :func:`attach_sparse_averaging` (ZeRO stage 0 or 1). Every collective
 DeepSpeed issues goes through ``deepspeed.comm``, whose comms logger counts
-the bytes; ``summary.json`` reports them per step.
+the bytes; ``summary.json`` reports them per step. ``--save`` / ``--load`` use
+DeepSpeed's own checkpoints (see :func:`save_zero_checkpoint`).
 """
 
 from __future__ import annotations
@@ -83,24 +84,83 @@ def comm_bytes() -> dict:
             for op, sizes in dscomm.comms_logger.comms_dict.items()}
 
 
-def save_zero_checkpoint(cfg: TrainConfig, engine, zero_stage: int, padded_vocab: int) -> None:
-    """DeepSpeed's own checkpoint (``engine.save_checkpoint``) plus the model config the
-    converter needs, written last (atomically): ``tools/convert_checkpoint.py
-    zero-export`` consolidates it with DeepSpeed's ``zero_to_fp32``."""
+def save_zero_checkpoint(cfg: TrainConfig, engine, zero_stage: int, padded_vocab: int,
+                         step: int, dp: int) -> None:
+    """DeepSpeed's own checkpoint (``engine.save_checkpoint``, tag ``global_step<N>``, its
+    ``latest`` written last) plus the model config beside it (atomically):
+    ``--load`` resumes from it, ``tools/convert_checkpoint.py zero-export``
+    consolidates it with DeepSpeed's ``zero_to_fp32``. ``--save-keep-last K`` removes
+    older tags once the new one is complete."""
     import json
+    import shutil
 
     import torch.distributed as dist
 
     from megatron_asyncmesh.convert import DS_CONFIG
 
-    engine.save_checkpoint(cfg.save, tag=f"global_step{cfg.train_iters}")
+    engine.save_checkpoint(cfg.save, tag=f"global_step{step}", client_state={"iteration": step})
     if dist.get_rank() == 0:
         tmp = os.path.join(cfg.save, DS_CONFIG + ".tmp")
         with open(tmp, "w") as f:
             json.dump({"config": cfg.to_dict(), "padded_vocab_size": padded_vocab,
-                       "zero_stage": zero_stage, "iteration": cfg.train_iters}, f, indent=1)
+                       "zero_stage": zero_stage, "data_parallel_size": dp,
+                       "iteration": step}, f, indent=1)
         os.replace(tmp, os.path.join(cfg.save, DS_CONFIG))
+        if cfg.save_keep_last:
+            for old in saved_steps(cfg.save)[:-cfg.save_keep_last]:
+                shutil.rmtree(os.path.join(cfg.save, f"global_step{old}"), ignore_errors=True)
     dist.barrier()
+
+
+def saved_steps(directory: str) -> list:
+    return sorted(int(n[len("global_step"):]) for n in os.listdir(directory)
+                  if n.startswith("global_step") and n[len("global_step"):].isdigit())
+
+
+def check_zero_resume(cfg: TrainConfig, zero_stage: int, padded_vocab: int, dp: int) -> int:
+    """Before DeepSpeed reads a byte: ``--load`` is a complete ``train_deepspeed --save``
+    of the same model, ZeRO stage and data-parallel size. Returns its iteration."""
+    import json
+
+    from megatron_asyncmesh.checkpoint import SHAPE_FIELDS
+    from megatron_asyncmesh.convert import DS_CONFIG, config_from_dict
+
+    config_path = os.path.join(cfg.load, DS_CONFIG)
+    latest = os.path.join(cfg.load, "latest")
+    if not (os.path.isfile(config_path) and os.path.isfile(latest)):
+        raise ConfigError(
+            f"--load {cfg.load!r}: no {DS_CONFIG} and DeepSpeed 'latest' file there, so it is "
+            f"not a complete train_deepspeed --save directory (checkpoints of "
+            f"megatron_asyncmesh.train resume with megatron_asyncmesh.train).")
+    with open(config_path) as f:
+        saved = json.load(f)
+    with open(latest) as f:
+        tag = f.read().strip()
+    if tag != f"global_step{saved['iteration']}" or \
+            not os.path.isdir(os.path.join(cfg.load, tag)):
+        raise ConfigError(
+            f"--load {cfg.load!r}: DeepSpeed's latest tag {tag!r} and {DS_CONFIG}'s iteration "
+            f"{saved['iteration']} disagree, or the tag directory is missing (a save was "
+            f"interrupted or files were removed).")
+    old = config_from_dict(saved["config"])
+    diff = [f"{k} saved {getattr(old, k)!r} vs now {getattr(cfg, k)!r}" for k in SHAPE_FIELDS
+            if getattr(old, k) != getattr(cfg, k)]
+    if saved["padded_vocab_size"] != padded_vocab:
+        diff.append(f"padded vocabulary saved {saved['padded_vocab_size']} vs now {padded_vocab}")
+    if diff:
+        raise ConfigError(f"--load {cfg.load!r} holds a different model: {', '.join(diff)}. "
+                          f"Use the same model flags (and tokenizer).")
+    if saved["zero_stage"] != zero_stage or saved.get("data_parallel_size", dp) != dp:
+        raise ConfigError(
+            f"--load {cfg.load!r} was saved with --zero-stage {saved['zero_stage']} on "
+            f"{saved.get('data_parallel_size')} data-parallel ranks; this run has "
+            f"--zero-stage {zero_stage} on {dp}. Resume with the same ZeRO stage and number "
+            f"of ranks, or export it (tools/convert_checkpoint.py zero-export, then "
+            f"hf-import) to start a new run from its weights.")
+    if saved["iteration"] >= cfg.train_iters:
+        raise ConfigError(f"--load {cfg.load!r} is at iteration {saved['iteration']}, not "
+                          f"before --train-iters {cfg.train_iters}: nothing to train.")
+    return saved["iteration"]
 
 
 def run(cfg: TrainConfig, zero_stage: int) -> dict:
@@ -139,14 +199,12 @@ def run(cfg: TrainConfig, zero_stage: int) -> dict:
             f"reduce-scatters gradients from backward hooks and keeps a slice of each "
             f"gradient, ZeRO-3 a slice of each parameter, so there are no independent whole "
             f"replicas to average. Use --zero-stage 0 or 1.")
-    if cfg.load:
-        raise ConfigError("train_deepspeed does not resume (--load); its --save writes the "
-                          "final DeepSpeed checkpoint for tools/convert_checkpoint.py "
-                          "zero-export. Resumable runs: megatron_asyncmesh.train.")
-    if cfg.save and acfg is not None:
-        raise ConfigError("train_deepspeed --save with --dp-averaging sparse: DeepSpeed "
-                          "writes one model for all data-parallel ranks, and sparse "
-                          "replicas differ. Save sparse runs with megatron_asyncmesh.train.")
+    if (cfg.save or cfg.load) and acfg is not None:
+        raise ConfigError(
+            f"train_deepspeed {'--save' if cfg.save else '--load'} with --dp-averaging sparse: "
+            f"a DeepSpeed checkpoint holds one model for all data-parallel ranks, and sparse "
+            f"replicas differ (each with its own pending averages). Save and resume sparse "
+            f"runs with megatron_asyncmesh.train.")
     t_start = time.time()
     launcher = mdist.init_distributed()
     threads = mdist.set_cpu_threads(cfg)
@@ -174,8 +232,18 @@ def run(cfg: TrainConfig, zero_stage: int) -> dict:
         config=ds_config(cfg, zero_stage, num_microbatches),
         mpu=ReplicaMPU() if acfg is not None else None)
     averager = attach_sparse_averaging(engine, acfg, names=names) if acfg else None
+    start_iter = 0
+    if cfg.load:
+        start_iter = check_zero_resume(cfg, zero_stage, model.vocab_size, dp)
+        # DeepSpeed restores the module, the (ZeRO-partitioned) optimizer state and the
+        # lr scheduler; the data position follows from the iteration.
+        path, client = engine.load_checkpoint(cfg.load)
+        if path is None or (client or {}).get("iteration") != start_iter:
+            raise ConfigError(f"--load {cfg.load!r}: DeepSpeed could not load iteration "
+                              f"{start_iter} (got {path!r}).")
     dp_rank = parallel_state.get_data_parallel_rank()
-    train_it = train_iterator(data.train, cfg.micro_batch_size, dp_rank, dp, num_microbatches)
+    train_it = train_iterator(data.train, cfg.micro_batch_size, dp_rank, dp, num_microbatches,
+                              consumed_samples=start_iter * gb)
     valid = eval_microbatches(data.valid, cfg.micro_batch_size, dp_rank, dp, num_microbatches,
                               cfg.eval_iters) if cfg.eval_iters else None
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -203,7 +271,8 @@ def run(cfg: TrainConfig, zero_stage: int) -> dict:
         s, n = all_mean(total)
         return s / max(n, 1.0)
 
-    writer = RunWriter(cfg.run_dir, cfg.train_iters, enabled=rank == 0, progress=cfg.progress)
+    writer = RunWriter(cfg.run_dir, cfg.train_iters, enabled=rank == 0, progress=cfg.progress,
+                       start_step=start_iter)
     val_history, pending = [], []
     tokens_per_step = gb * cfg.seq_length
     train_time, timed = 0.0, 0
@@ -229,8 +298,9 @@ def run(cfg: TrainConfig, zero_stage: int) -> dict:
                             "tokens_per_s": tokens_per_step / dt})
             pending = []
 
-    log_val(0)
-    for step in range(1, cfg.train_iters + 1):
+    if start_iter == 0:
+        log_val(0)
+    for step in range(start_iter + 1, cfg.train_iters + 1):
         t0 = time.perf_counter()
         loss_sum = tokens = 0.0
         lr = engine.get_lr()[0]
@@ -241,7 +311,7 @@ def run(cfg: TrainConfig, zero_stage: int) -> dict:
             loss_sum += float(loss) * float(n)
             tokens += float(n)
         dt = time.perf_counter() - t0
-        if step == 1:
+        if step == start_iter + 1:
             bytes_after_first = sum(comm_bytes().values())
         else:
             train_time += dt
@@ -252,9 +322,10 @@ def run(cfg: TrainConfig, zero_stage: int) -> dict:
             log_val(step)
         elif writer.enabled:
             writer.progress(step)
+        if cfg.save and (step == cfg.train_iters or
+                         (cfg.save_interval and step % cfg.save_interval == 0)):
+            save_zero_checkpoint(cfg, engine, zero_stage, model.vocab_size, step, dp)
     writer.close()
-    if cfg.save:
-        save_zero_checkpoint(cfg, engine, zero_stage, model.vocab_size)
     if averager is not None:
         averager.wait_in_flight()
     by_op = comm_bytes()
@@ -262,7 +333,8 @@ def run(cfg: TrainConfig, zero_stage: int) -> dict:
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, {
         "comm_bytes_by_op": by_op, "comm_bytes_total": total_bytes,
-        "comm_bytes_per_step": (total_bytes - bytes_after_first) / max(1, cfg.train_iters - 1),
+        "comm_bytes_per_step": (total_bytes - bytes_after_first)
+        / max(1, cfg.train_iters - start_iter - 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "dp_averaging_stats": averager.stats() if averager is not None else None})
     summary = {
@@ -271,7 +343,7 @@ def run(cfg: TrainConfig, zero_stage: int) -> dict:
         "val_loss_history": val_history, "final_train_loss": last_loss,
         "tokens_per_s": tokens_per_step * timed / train_time if train_time else None,
         "steady_tokens_per_s": tokens_per_step * timed / train_time if train_time else None,
-        "train_iters": cfg.train_iters, "data_parallel_size": dp,
+        "train_iters": cfg.train_iters, "start_iteration": start_iter, "data_parallel_size": dp,
         "num_microbatches": num_microbatches, "per_rank": per_rank,
         "comm_bytes_per_step": [r["comm_bytes_per_step"] for r in per_rank],
         "dp_averaging_stats": [r["dp_averaging_stats"] for r in per_rank],

@@ -291,3 +291,40 @@ def test_sparse_averaging_refuses_zero2(capsys):
     assert train_deepspeed.main(["--zero-stage", "2", "--dp-averaging", "sparse"]) == 2
     err = capsys.readouterr().err
     assert "cannot be combined with --zero-stage 2" in err and "--zero-stage 0 or 1" in err
+
+
+def test_zero1_resume_equals_never_stopping(tmp_path, data_args, megatron_sync):
+    """train_deepspeed --save after 3 of 6 steps, then --load and on to 6 (ZeRO-1: the
+    SGD momentum partitioned over the 2 ranks, restored by engine.load_checkpoint): the
+    two halves together are Megatron's DDP run that never stopped, step by step. A
+    resume with another ZeRO stage, model or length is refused before DeepSpeed reads."""
+    from megatron_asyncmesh.config import ConfigError, parse_config
+    from megatron_asyncmesh.convert import DS_CONFIG
+    from megatron_asyncmesh.train_deepspeed import check_zero_resume, saved_steps
+
+    ckpt = str(tmp_path / "ckpt")
+    decay = ["--lr-decay-iters", "6"]           # the 6-step run's schedule in both halves
+    _deepspeed_run(tmp_path, "zero1", data_args, "--zero-stage", "1", *decay,
+                   "--train-iters", "3", "--save", ckpt)
+    resumed = _deepspeed_run(tmp_path, "zero1", data_args, "--zero-stage", "1", *decay,
+                             "--load", ckpt, "--save", ckpt, "--save-keep-last", "1")
+    _close(megatron_sync, resumed)          # one metrics file: steps 1-3, then 4-6
+    assert resumed[2]["start_iteration"] == 3
+    assert saved_steps(ckpt) == [6]         # keep-last removed global_step3
+
+    with open(os.path.join(ckpt, DS_CONFIG)) as f:
+        padded = json.load(f)["padded_vocab_size"]
+
+    def check(*flags, stage=1, dp=2):
+        cfg = parse_config(["--config", os.path.join(REPO, "launch", "configs", "tiny.yaml"),
+                            *SGD, *flags, "--load", ckpt])
+        return check_zero_resume(cfg, stage, padded, dp)
+
+    with pytest.raises(ConfigError, match="--zero-stage 1 on 2 data-parallel ranks"):
+        check(stage=2)
+    with pytest.raises(ConfigError, match="hidden_size saved 64 vs now 128"):
+        check("--hidden-size", "128", "--train-iters", "9")
+    with pytest.raises(ConfigError, match="at iteration 6, not before --train-iters 6"):
+        check()
+    assert check("--train-iters", "9") == 6
+
