@@ -107,7 +107,10 @@ def save_zero_checkpoint(cfg: TrainConfig, engine, zero_stage: int, padded_vocab
                        "iteration": step}, f, indent=1)
         os.replace(tmp, os.path.join(cfg.save, DS_CONFIG))
         if cfg.save_keep_last:
-            for old in saved_steps(cfg.save)[:-cfg.save_keep_last]:
+            # Only tags up to this one: a higher one is a save that never completed
+            # (``latest`` never named it), which this run's saves will overwrite.
+            done = [s for s in saved_steps(cfg.save) if s <= step]
+            for old in done[:-cfg.save_keep_last]:
                 shutil.rmtree(os.path.join(cfg.save, f"global_step{old}"), ignore_errors=True)
     dist.barrier()
 
