@@ -253,22 +253,49 @@ def _deepspeed_run(tmp_path, name, data_args, *extra, launcher="torchrun"):
 def test_zero3_baseline_is_megatron_data_parallel(tmp_path, data_args, megatron_sync):
     """The ZeRO baseline trains the same GPT on the same samples: DeepSpeed ZeRO-3
     (deepspeed.initialize, its own partitioning) matches Megatron's DDP step by step;
-    the comms logger saw ZeRO-3's reduce-scatter and all-gather. Its checkpoint
-    (parameters partitioned over the 2 ranks), consolidated by DeepSpeed's zero_to_fp32
-    and exported to Hugging Face (GPT-2 style), has the validation loss the run measured."""
+    the comms logger saw ZeRO-3's reduce-scatter and all-gather. The run stops after 3
+    of 6 steps (--save) and resumes (--load: engine.load_checkpoint restores the
+    partitioned parameters, SGD momentum and schedule): both halves together are the
+    DDP run that never stopped. A resume with another ZeRO stage, model or length is
+    refused before DeepSpeed reads. The final checkpoint, consolidated by DeepSpeed's
+    zero_to_fp32 and exported to Hugging Face (GPT-2 style), has the validation loss
+    the run measured."""
+    from megatron_asyncmesh.config import ConfigError, parse_config
+    from megatron_asyncmesh.convert import DS_CONFIG
+    from megatron_asyncmesh.train_deepspeed import check_zero_resume, saved_steps
+
     ckpt, hf = str(tmp_path / "zero3_ckpt"), str(tmp_path / "zero3_hf")
-    zero3 = _deepspeed_run(tmp_path, "zero3", data_args, "--zero-stage", "3", "--save", ckpt)
-    _close(megatron_sync, zero3)
-    ops = zero3[2]["per_rank"][0]["comm_bytes_by_op"]
-    params = zero3[2]["parameters"]
-    assert ops["reduce_scatter_tensor"] >= 6 * 4 * params * 0.99     # every step's gradients
+    zero3 = ["--zero-stage", "3", "--lr-decay-iters", "6"]   # the 6-step schedule in both
+    _deepspeed_run(tmp_path, "zero3", data_args, *zero3, "--train-iters", "3", "--save", ckpt)
+    resumed = _deepspeed_run(tmp_path, "zero3", data_args, *zero3, "--load", ckpt,
+                             "--save", ckpt, "--save-keep-last", "1")
+    _close(megatron_sync, resumed)          # one metrics file: steps 1-3, then 4-6
+    s = resumed[2]
+    assert s["start_iteration"] == 3 and saved_steps(ckpt) == [6]   # keep-last: step 3 gone
+    ops, params = s["per_rank"][0]["comm_bytes_by_op"], s["parameters"]
+    assert ops["reduce_scatter_tensor"] >= 3 * 4 * params * 0.99     # every step's gradients
+
+    with open(os.path.join(ckpt, DS_CONFIG)) as f:
+        padded = json.load(f)["padded_vocab_size"]
+
+    def check(*flags, stage=3):
+        cfg = parse_config(["--config", os.path.join(REPO, "launch", "configs", "tiny.yaml"),
+                            *SGD, *flags, "--load", ckpt])
+        return check_zero_resume(cfg, stage, padded, 2)
+
+    with pytest.raises(ConfigError, match="--zero-stage 3 on 2 data-parallel ranks"):
+        check("--train-iters", "9", stage=1)
+    with pytest.raises(ConfigError, match="hidden_size saved 64 vs now 128"):
+        check("--hidden-size", "128", "--train-iters", "9")
+    with pytest.raises(ConfigError, match="at iteration 6, not before --train-iters 6"):
+        check()
+    assert check("--train-iters", "9") == 6
 
     tool("convert_checkpoint.py", "zero-export", "--input", ckpt, "--output", hf)
     with open(os.path.join(hf, "config.json")) as f:
         config = json.load(f)
     assert config["model_type"] == "gpt2" and config["tie_word_embeddings"] is True
-    assert evaluate("--hf", hf)["val_loss"] == pytest.approx(zero3[2]["final_val_loss"],
-                                                             abs=1e-5)
+    assert evaluate("--hf", hf)["val_loss"] == pytest.approx(s["final_val_loss"], abs=1e-5)
 
 
 def test_deepspeed_engine_with_sparse_averaging_hook(tmp_path, data_args, megatron_sync):
@@ -291,40 +318,4 @@ def test_sparse_averaging_refuses_zero2(capsys):
     assert train_deepspeed.main(["--zero-stage", "2", "--dp-averaging", "sparse"]) == 2
     err = capsys.readouterr().err
     assert "cannot be combined with --zero-stage 2" in err and "--zero-stage 0 or 1" in err
-
-
-def test_zero1_resume_equals_never_stopping(tmp_path, data_args, megatron_sync):
-    """train_deepspeed --save after 3 of 6 steps, then --load and on to 6 (ZeRO-1: the
-    SGD momentum partitioned over the 2 ranks, restored by engine.load_checkpoint): the
-    two halves together are Megatron's DDP run that never stopped, step by step. A
-    resume with another ZeRO stage, model or length is refused before DeepSpeed reads."""
-    from megatron_asyncmesh.config import ConfigError, parse_config
-    from megatron_asyncmesh.convert import DS_CONFIG
-    from megatron_asyncmesh.train_deepspeed import check_zero_resume, saved_steps
-
-    ckpt = str(tmp_path / "ckpt")
-    decay = ["--lr-decay-iters", "6"]           # the 6-step run's schedule in both halves
-    _deepspeed_run(tmp_path, "zero1", data_args, "--zero-stage", "1", *decay,
-                   "--train-iters", "3", "--save", ckpt)
-    resumed = _deepspeed_run(tmp_path, "zero1", data_args, "--zero-stage", "1", *decay,
-                             "--load", ckpt, "--save", ckpt, "--save-keep-last", "1")
-    _close(megatron_sync, resumed)          # one metrics file: steps 1-3, then 4-6
-    assert resumed[2]["start_iteration"] == 3
-    assert saved_steps(ckpt) == [6]         # keep-last removed global_step3
-
-    with open(os.path.join(ckpt, DS_CONFIG)) as f:
-        padded = json.load(f)["padded_vocab_size"]
-
-    def check(*flags, stage=1, dp=2):
-        cfg = parse_config(["--config", os.path.join(REPO, "launch", "configs", "tiny.yaml"),
-                            *SGD, *flags, "--load", ckpt])
-        return check_zero_resume(cfg, stage, padded, dp)
-
-    with pytest.raises(ConfigError, match="--zero-stage 1 on 2 data-parallel ranks"):
-        check(stage=2)
-    with pytest.raises(ConfigError, match="hidden_size saved 64 vs now 128"):
-        check("--hidden-size", "128", "--train-iters", "9")
-    with pytest.raises(ConfigError, match="at iteration 6, not before --train-iters 6"):
-        check()
-    assert check("--train-iters", "9") == 6
 
