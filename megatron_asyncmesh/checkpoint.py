@@ -49,10 +49,29 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _layout(cfg: TrainConfig, vocab_size: int, dp: int) -> dict:
+def model_shape(cfg: TrainConfig, vocab_size: int) -> dict:
+    """What fixes every tensor's shape: SHAPE_FIELDS (FFN size resolved) and the
+    padded vocabulary."""
     out = {f: getattr(cfg, f) for f in SHAPE_FIELDS}
     out["ffn_hidden_size"] = cfg.resolved_ffn_hidden_size()
     out["padded_vocab_size"] = vocab_size
+    return out
+
+
+def check_same_model(where: str, saved: dict, cfg: TrainConfig, vocab_size: int) -> None:
+    """Raise CheckpointError naming every field where ``saved`` (a ``model_shape``)
+    differs from this run's model."""
+    mine = model_shape(cfg, vocab_size)
+    diff = {f: (saved.get(f), v) for f, v in mine.items() if saved.get(f) != v}
+    if diff:
+        raise CheckpointError(
+            f"{where} holds a different model: "
+            + ", ".join(f"{k} saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            + ". Use the same model flags (and tokenizer, for the vocabulary).")
+
+
+def _layout(cfg: TrainConfig, vocab_size: int, dp: int) -> dict:
+    out = model_shape(cfg, vocab_size)
     out.update({f: getattr(cfg, f) for f in LAYOUT_FIELDS if f != "data_parallel_size"})
     out["data_parallel_size"] = dp
     return out
@@ -186,13 +205,7 @@ def verify(directory: str, cfg: Optional[TrainConfig] = None,
     weights_only_bytes()               # every load after this check reads weights-only
     if cfg is not None:
         saved, mine = meta["layout"], _layout(cfg, vocab_size, dp)
-        shape = {f: (saved.get(f), mine[f]) for f in (*SHAPE_FIELDS, "padded_vocab_size")
-                 if saved.get(f) != mine[f]}
-        if shape:
-            raise CheckpointError(
-                f"{directory} holds a different model: "
-                + ", ".join(f"{k} saved {a!r} vs now {b!r}" for k, (a, b) in shape.items())
-                + ". Use the same model flags (and tokenizer, for the vocabulary).")
+        check_same_model(directory, saved, cfg, vocab_size)
         if meta.get("contents", "full") == "model":
             return meta                   # weights only: any layout, fresh optimizer
         pp = saved["pipeline_model_parallel_size"], mine["pipeline_model_parallel_size"]

@@ -125,7 +125,7 @@ def check_zero_resume(cfg: TrainConfig, zero_stage: int, padded_vocab: int, dp: 
     of the same model, ZeRO stage and data-parallel size. Returns its iteration."""
     import json
 
-    from megatron_asyncmesh.checkpoint import SHAPE_FIELDS
+    from megatron_asyncmesh.checkpoint import check_same_model, model_shape
     from megatron_asyncmesh.convert import DS_CONFIG, config_from_dict
 
     config_path = os.path.join(cfg.load, DS_CONFIG)
@@ -145,14 +145,9 @@ def check_zero_resume(cfg: TrainConfig, zero_stage: int, padded_vocab: int, dp: 
             f"--load {cfg.load!r}: DeepSpeed's latest tag {tag!r} and {DS_CONFIG}'s iteration "
             f"{saved['iteration']} disagree, or the tag directory is missing (a save was "
             f"interrupted or files were removed).")
-    old = config_from_dict(saved["config"])
-    diff = [f"{k} saved {getattr(old, k)!r} vs now {getattr(cfg, k)!r}" for k in SHAPE_FIELDS
-            if getattr(old, k) != getattr(cfg, k)]
-    if saved["padded_vocab_size"] != padded_vocab:
-        diff.append(f"padded vocabulary saved {saved['padded_vocab_size']} vs now {padded_vocab}")
-    if diff:
-        raise ConfigError(f"--load {cfg.load!r} holds a different model: {', '.join(diff)}. "
-                          f"Use the same model flags (and tokenizer).")
+    check_same_model(f"--load {cfg.load!r}", model_shape(config_from_dict(saved["config"]),
+                                                         saved["padded_vocab_size"]),
+                     cfg, padded_vocab)
     if saved["zero_stage"] != zero_stage or saved.get("data_parallel_size", dp) != dp:
         raise ConfigError(
             f"--load {cfg.load!r} was saved with --zero-stage {saved['zero_stage']} on "
@@ -222,6 +217,8 @@ def run(cfg: TrainConfig, zero_stage: int) -> dict:
     model = build_gpt_stage(cfg, data.vocab_size)
     init_layout_independent(model, cfg)
     names = global_parameter_names(model)
+    # A checkpoint that cannot resume here is refused before the engine is built.
+    start_iter = check_zero_resume(cfg, zero_stage, model.vocab_size, dp) if cfg.load else 0
     if cfg.optimizer == "adam":
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
@@ -235,9 +232,7 @@ def run(cfg: TrainConfig, zero_stage: int) -> dict:
         config=ds_config(cfg, zero_stage, num_microbatches),
         mpu=ReplicaMPU() if acfg is not None else None)
     averager = attach_sparse_averaging(engine, acfg, names=names) if acfg else None
-    start_iter = 0
     if cfg.load:
-        start_iter = check_zero_resume(cfg, zero_stage, model.vocab_size, dp)
         # DeepSpeed restores the module, the (ZeRO-partitioned) optimizer state and the
         # lr scheduler; the data position follows from the iteration.
         path, client = engine.load_checkpoint(cfg.load)
