@@ -25,15 +25,15 @@ __version__ = "0.1.0"
 def patch(mode: str, **kwargs):
     """Make ``megatron.core.pipeline_parallel.get_forward_backward_func()`` return
     the asynchronous ``mode`` schedule ("2bw", "stash" or "flush"); see
-    :func:`megatron_asyncmesh.pipeline.patch.patch`."""
-    from megatron_asyncmesh.pipeline.patch import patch as _patch
+    :func:`megatron_asyncmesh.pipeline.install.patch`."""
+    from megatron_asyncmesh.pipeline.install import patch as _patch
 
     return _patch(mode, **kwargs)
 
 
 def make_optimizer_stage_local(optimizer) -> None:
     """Keep the optimizer's gradient statistics inside the pipeline stage; see
-    :func:`megatron_asyncmesh.pipeline.patch.make_optimizer_stage_local`."""
-    from megatron_asyncmesh.pipeline.patch import make_optimizer_stage_local as _local
+    :func:`megatron_asyncmesh.optim.stage_local.make_optimizer_stage_local`."""
+    from megatron_asyncmesh.optim.stage_local import make_optimizer_stage_local as _local
 
     _local(optimizer)

@@ -47,6 +47,8 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
+from megatron_asyncmesh import patching
+
 __all__ = ["activate", "is_active", "patched_names"]
 
 _ACTIVE = False
@@ -88,8 +90,47 @@ def _redirect(device: Any) -> Any:
     return _CPU if _is_cuda_device(device) else device
 
 
-def _set(owner: Any, name: str, value: Any, label: str) -> None:
-    setattr(owner, name, value)
+_WHEN = "importing `megatron_asyncmesh` without CUDA (`ASYNCMESH_CPU_COMPAT=0` disables)"
+CUDA_PATCH = patching.declare(
+    "cpu-torch-cuda", package="torch",
+    target="`torch.cuda.current_device/set_device/synchronize/empty_cache`, `Stream`, `Event`, "
+           "`stream`, `current_stream`, `default_stream`, `set_stream`, `nvtx.*`; the "
+           "`torch.cuda` RNG (`get_rng_state`, `set_rng_state`, `manual_seed[_all]`, "
+           "`default_generators`, ...); `torch.cuda.memory_*`",
+    replacement="inert stand-ins (`current_device()` is 0); one dedicated CPU "
+                "`torch.Generator` for the RNG; zeros for memory statistics",
+    why="stream/event bookkeeping in the schedules and DDP; Megatron's "
+        "`CudaRNGStatesTracker` saves, forks and restores CUDA RNG states",
+    when=_WHEN)
+DEVICE_PATCH = patching.declare(
+    "cpu-device-redirect", package="torch",
+    target="`torch.{empty,zeros,ones,full,tensor,arange,...}`, `Tensor.new_*`, `Tensor.to`, "
+           "`Tensor.cuda`, `Module.cuda`, `Tensor.type` (no arguments, called from a "
+           "`megatron.*` module)",
+    replacement="the same functions with a CUDA `device=` made CPU; `.cuda()` a no-op; "
+                "`'torch.cuda.FloatTensor'` etc. for Megatron's type checks",
+    why="`device='cuda'` in DDP buffers, optimizers, schedules; `DistributedOptimizer` and "
+        "`Float16Optimizer` refuse other type names. torch's cached set of constructors is "
+        "filled first, so `with torch.device(...)` contexts keep applying",
+    when=_WHEN)
+ALL_GATHER_PATCH = patching.declare(
+    "cpu-uneven-all-gather", package="torch",
+    target="`torch.distributed.all_gather`",
+    replacement="padded to the largest size and cut back when the sizes differ",
+    why="gloo's allgather needs equal sizes; NCCL's (and Megatron's layer-wise optimizer, "
+        "which gathers each rank's whole tensors) does not",
+    when=_WHEN)
+LAZY_CALL_PATCH = patching.declare(
+    "cpu-megatron-lazy-call", package="megatron-core",
+    target="`megatron.core.tensor_parallel.random._lazy_call`, `._lazy_init` (imported by "
+           "name before the layer was active)",
+    replacement="the patched `torch.cuda` ones",
+    why="Megatron binds them at import time",
+    when=_WHEN)
+
+
+def _set(owner: Any, name: str, value: Any, label: str, patch: str = CUDA_PATCH) -> None:
+    patching.replace(owner, name, value, patch=patch, label=label)
     _PATCHED.append(label)
 
 
@@ -286,14 +327,17 @@ def _patch_tensors_and_modules() -> None:
     for name in _FACTORIES:
         fn = getattr(torch, name, None)
         if fn is not None and not hasattr(fn, "__asyncmesh_wrapped__"):
-            _set(torch, name, _wrap_factory(fn), f"torch.{name}")
+            _set(torch, name, _wrap_factory(fn), f"torch.{name}", patch=DEVICE_PATCH)
     for name in _TENSOR_NEW:
         _set(torch.Tensor, name, _wrap_factory(getattr(torch.Tensor, name)),
-             f"torch.Tensor.{name}")
-    _set(torch.Tensor, "to", _tensor_to(torch.Tensor.to), "torch.Tensor.to")
-    _set(torch.Tensor, "type", _tensor_type(torch.Tensor.type), "torch.Tensor.type")
-    _set(torch.Tensor, "cuda", lambda self, *a, **k: self, "torch.Tensor.cuda")
-    _set(torch.nn.Module, "cuda", lambda self, *a, **k: self, "torch.nn.Module.cuda")
+             f"torch.Tensor.{name}", patch=DEVICE_PATCH)
+    for owner, name, value in (
+            (torch.Tensor, "to", _tensor_to(torch.Tensor.to)),
+            (torch.Tensor, "type", _tensor_type(torch.Tensor.type)),
+            (torch.Tensor, "cuda", lambda self, *a, **k: self),
+            (torch.nn.Module, "cuda", lambda self, *a, **k: self)):
+        label = "torch.nn.Module" if owner is torch.nn.Module else "torch.Tensor"
+        _set(owner, name, value, f"{label}.{name}", patch=DEVICE_PATCH)
 
 
 def _uneven_all_gather(original: Callable) -> Callable:
@@ -324,7 +368,7 @@ def _patch_distributed() -> None:
 
     if not hasattr(dist.all_gather, "__asyncmesh_wrapped__"):
         _set(dist, "all_gather", _uneven_all_gather(dist.all_gather),
-             "torch.distributed.all_gather (uneven sizes on gloo)")
+             "torch.distributed.all_gather (uneven sizes on gloo)", ALL_GATHER_PATCH)
 
 
 def _patch_imported_megatron() -> None:
@@ -332,9 +376,9 @@ def _patch_imported_megatron() -> None:
     random_mod = sys.modules.get("megatron.core.tensor_parallel.random")
     if random_mod is not None:
         _set(random_mod, "_lazy_call", torch.cuda._lazy_call,
-             "megatron.core.tensor_parallel.random._lazy_call")
+             "megatron.core.tensor_parallel.random._lazy_call", LAZY_CALL_PATCH)
         _set(random_mod, "_lazy_init", torch.cuda._lazy_init,
-             "megatron.core.tensor_parallel.random._lazy_init")
+             "megatron.core.tensor_parallel.random._lazy_init", LAZY_CALL_PATCH)
 
 
 def activate() -> bool:

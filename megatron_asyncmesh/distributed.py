@@ -1,4 +1,5 @@
-"""Process-group set-up for every launcher, and Megatron's parallel state.
+"""Process-group set-up for every launcher, Megatron's parallel state and the layout's
+options (:class:`ParallelConfig`).
 
 Launchers and how a rank learns its place:
 
@@ -20,11 +21,30 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_asyncmesh.config import TrainConfig
+from megatron_asyncmesh.options import ConfigError, check_positive, option
+
+@dataclass
+class ParallelConfig:
+    pipeline_model_parallel_size: int = option(1, "pipeline stages (PP)", "parallel")
+    data_parallel_size: Optional[int] = option(
+        None, "data-parallel replicas (DP); default world_size / PP", "parallel")
+    tensor_model_parallel_size: int = option(1, "tensor parallel size (1 on CPU)", "parallel")
+    use_distributed_optimizer: bool = option(False, "shard optimizer state over DP (ZeRO-1)",
+                                             "parallel")
+
+    def validate_parallel(self) -> None:
+        check_positive(self, ("pipeline_model_parallel_size", "tensor_model_parallel_size"))
+        if self.tensor_model_parallel_size != 1:
+            raise ConfigError(
+                f"--tensor-model-parallel-size {self.tensor_model_parallel_size} is not "
+                f"supported: this project parallelises over pipeline and data axes; use 1.")
+
 
 _MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
@@ -86,7 +106,7 @@ def local_world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def set_cpu_threads(cfg: TrainConfig) -> int:
+def set_cpu_threads(cfg) -> int:
     """Share the cores among the ranks on this machine (oversubscription is slow)."""
     if torch.cuda.is_available():
         return torch.get_num_threads()
@@ -95,7 +115,7 @@ def set_cpu_threads(cfg: TrainConfig) -> int:
     return threads
 
 
-def init_model_parallel(cfg: TrainConfig) -> int:
+def init_model_parallel(cfg) -> int:
     """Megatron parallel state for TP = 1, PP = cfg's; returns DP."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed

@@ -19,15 +19,15 @@ from typing import Optional
 
 import torch
 
-from megatron_asyncmesh.config import ConfigError, TrainConfig
-
-PROJECT_CONFIG = "asyncmesh_config.json"   # written by the exporters beside config.json
+from megatron_asyncmesh.checkpoint.convert import (
+    build_model, load_model, read_checkpoint, single_process)
+from megatron_asyncmesh.checkpoint.hf import PROJECT_CONFIG
+from megatron_asyncmesh.config import TrainConfig, config_from_dict
+from megatron_asyncmesh.data.datasets import build_run_datasets, eval_microbatches, resolve_data
+from megatron_asyncmesh.options import ConfigError
 
 
 def _validation_batches(cfg: TrainConfig):
-    from megatron_asyncmesh.data.datasets import eval_microbatches
-    from megatron_asyncmesh.train import build_run_datasets, resolve_data
-
     resolve_data(cfg)
     data = build_run_datasets(cfg)
     return data, eval_microbatches(data.valid, cfg.micro_batch_size, 0, 1,
@@ -49,9 +49,6 @@ def evaluate(checkpoint: Optional[str] = None, hf_dir: Optional[str] = None,
     global_batch_size, micro_batch_size, seq_length, seed, split) over the ones the
     checkpoint was trained with. ``logits_out``: save the first microbatch's tokens
     and logits (for parity checks between formats)."""
-    from megatron_asyncmesh.convert import (
-        build_model, config_from_dict, load_model, read_checkpoint, single_process)
-
     if (checkpoint is None) == (hf_dir is None):
         raise ConfigError("evaluate one model: --checkpoint DIR or --hf DIR.")
     meta = None

@@ -1,9 +1,9 @@
 """Run outputs: metrics.jsonl, summary.json, tensorboard events, a progress bar.
 
-Only global rank 0 writes. ``metrics.jsonl`` has one JSON object per line:
-training lines (``step``, ``loss``, ``lr``, ``tokens_per_s``,
-``step_time_s``, ``grad_norm``) and evaluation lines (``step``,
-``val_loss``, ``val_ppl``).
+Only global rank 0 writes. Both engines write the same schema. ``metrics.jsonl`` has one
+JSON object per line: training lines (:data:`TRAIN_KEYS`), evaluation lines
+(:data:`EVAL_KEYS`) and checkpoint lines (:data:`CHECKPOINT_KEYS`); ``summary.json``
+holds exactly :data:`SUMMARY_KEYS` (``runner/loop.py`` builds it).
 """
 
 from __future__ import annotations
@@ -13,6 +13,20 @@ import math
 import os
 import resource
 from typing import Any, Dict, Optional
+
+
+TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "step_time_s", "tokens_per_s",
+              "dp_bytes_sent")
+EVAL_KEYS = ("step", "val_loss", "val_ppl")
+CHECKPOINT_KEYS = ("step", "checkpoint_save_s", "drain_step_s")
+SUMMARY_KEYS = (
+    "engine", "zero_stage", "final_val_loss", "final_train_loss", "val_loss_history",
+    "tokens_per_s", "steady_tokens_per_s", "train_iters", "start_iteration", "peak_rss_mb",
+    "pipeline_model_parallel_size", "data_parallel_size", "num_microbatches",
+    "pipeline_schedule", "stage_utilization", "stage_delay", "optimizer", "stage_optimizer",
+    "checkpoints", "dp_averaging", "dp_averaging_stats", "grad_all_reduce_bytes_per_step",
+    "comm_bytes_per_step", "per_rank", "pipeline", "parameters", "world_size", "launcher",
+    "threads_per_rank", "wall_time_s", "device", "run_dir", "config")
 
 
 def peak_rss_mb() -> float:

@@ -1,20 +1,66 @@
-"""Megatron-core GPT stages.
+"""Megatron-core GPT stages, and the model's configuration.
 
 The model is Megatron-core's ``GPTModel``; Megatron itself splits the layers
 over pipeline stages (``TransformerBlock`` builds ``num_layers / PP`` layers
 on each stage, the embedding on the first, the output layer and loss on the
 last). The layer spec is Megatron's local one on CPU and Transformer
 Engine's on a GPU where TE is importable (``--transformer-impl`` overrides).
+
+The functions here take the run's configuration (a ``TrainConfig``): the model's own
+options (:class:`ModelConfig`) plus the pipeline split and the seed.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from megatron_asyncmesh.config import ConfigError, TrainConfig
+from megatron_asyncmesh.options import ConfigError, check_choices, check_positive, option
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = option(4, "transformer layers in the whole model", "model")
+    hidden_size: int = option(128, "model width", "model")
+    num_attention_heads: int = option(4, "attention heads", "model")
+    ffn_hidden_size: Optional[int] = option(None, "MLP width (default 4 x hidden)", "model")
+    seq_length: int = option(128, "tokens per sample", "model")
+    max_position_embeddings: Optional[int] = option(None, "default: seq_length", "model")
+    position_embedding_type: str = option(
+        "learned_absolute", "GPT-2 style learned positions or Llama style rope", "model",
+        ("learned_absolute", "rope"))
+    normalization: str = option("LayerNorm", "LayerNorm (GPT-2) or RMSNorm (Llama)", "model",
+                                ("LayerNorm", "RMSNorm"))
+    swiglu: bool = option(False, "SwiGLU MLP (Llama style)", "model")
+    untie_embeddings_and_output_weights: bool = option(False, "separate output layer", "model")
+    hidden_dropout: float = option(0.0, "dropout after attention/MLP", "model")
+    attention_dropout: float = option(0.0, "dropout on attention probabilities", "model")
+    init_method_std: float = option(0.02, "std of the normal weight init", "model")
+    make_vocab_size_divisible_by: int = option(128, "pad the vocabulary to a multiple",
+                                               "model")
+    transformer_impl: str = option(
+        "auto", "layer spec: Megatron's local one, Transformer Engine's, or TE when "
+        "importable on a GPU", "model", ("auto", "local", "transformer_engine"))
+    bf16: bool = option(False, "bf16 weights with fp32 main params (GPU)", "model")
+
+    def resolved_ffn_hidden_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    def resolved_max_position_embeddings(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+    def validate_model(self) -> None:
+        check_positive(self, ("num_layers", "hidden_size", "num_attention_heads",
+                              "seq_length"))
+        check_choices(self, ModelConfig)
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
+                f"{self.num_attention_heads}.")
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
@@ -26,7 +72,7 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def resolve_transformer_impl(cfg: TrainConfig) -> str:
+def resolve_transformer_impl(cfg) -> str:
     if cfg.transformer_impl == "auto":
         return "transformer_engine" if transformer_engine_available() else "local"
     if cfg.transformer_impl == "transformer_engine" and not transformer_engine_available():
@@ -35,7 +81,7 @@ def resolve_transformer_impl(cfg: TrainConfig) -> str:
     return cfg.transformer_impl
 
 
-def transformer_config(cfg: TrainConfig):
+def transformer_config(cfg):
     from megatron.core.transformer import TransformerConfig
 
     on_gpu = torch.cuda.is_available()
@@ -73,7 +119,7 @@ def transformer_config(cfg: TrainConfig):
     )
 
 
-def layer_spec(cfg: TrainConfig):
+def layer_spec(cfg):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if resolve_transformer_impl(cfg) == "transformer_engine":
@@ -81,7 +127,7 @@ def layer_spec(cfg: TrainConfig):
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
 
 
-def build_gpt_stage(cfg: TrainConfig, vocab_size: int):
+def build_gpt_stage(cfg, vocab_size: int):
     """This rank's pipeline stage of the GPT (call after parallel_state init)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -106,28 +152,6 @@ def build_gpt_stage(cfg: TrainConfig, vocab_size: int):
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
-
-
-def wrap_ddp(cfg: TrainConfig, model):
-    """Megatron's DistributedDataParallel: contiguous grad buffers, DP all-reduce (none
-    with ``--dp-averaging sparse``)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.use_distributed_optimizer,
-        check_for_nan_in_grad=False,
-    )
-    pg_collection = None
-    if cfg.dp_averaging == "sparse":
-        # Independent replicas: DDP's data-parallel group is this rank alone, so its
-        # gradient all-reduce is a no-op; the averaging runs after the optimizer step.
-        from megatron_asyncmesh.dataparallel.megatron import replica_process_groups
-
-        pg_collection = replica_process_groups()
-    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
-                                   pg_collection=pg_collection)
 
 
 # Parameters Megatron initialises with the depth-scaled std sigma / sqrt(2 L).
@@ -158,7 +182,7 @@ def global_parameter_names(model) -> dict:
     return names
 
 
-def init_layout_independent(model, cfg: TrainConfig) -> None:
+def init_layout_independent(model, cfg) -> None:
     """Redraw every random weight from a generator keyed on (seed, global name).
 
     Megatron draws weights from one RNG stream in construction order, so

@@ -86,7 +86,8 @@ def main(argv=None) -> int:
 
     from megatron_asyncmesh import distributed as mdist
     from megatron_asyncmesh import optim
-    from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent, wrap_ddp
+    from megatron_asyncmesh.dataparallel.megatron import wrap_ddp
+    from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent
 
     cfg = cfg_for(a.optimizer)
     cfg.validate()
@@ -158,7 +159,8 @@ def ef_resume(cfg, ckpt_dir: str, out: str) -> int:
     from megatron.core import dist_checkpointing, parallel_state
 
     from megatron_asyncmesh import optim
-    from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent, wrap_ddp
+    from megatron_asyncmesh.dataparallel.megatron import wrap_ddp
+    from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent
     from megatron_asyncmesh.optim.feedback import DelayErrorFeedback
 
     def make():

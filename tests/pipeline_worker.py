@@ -61,10 +61,12 @@ def run_job(P: int, mode: str, M: int, steps: int, optimizer: str, out_dir: str,
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_asyncmesh.dataparallel.megatron import wrap_ddp
     from megatron_asyncmesh.model import (
-        build_gpt_stage, global_parameter_names, init_layout_independent, wrap_ddp)
-    from megatron_asyncmesh.pipeline.patch import make_optimizer_stage_local, unpatch
-    from megatron_asyncmesh.trainer import forward_step
+        build_gpt_stage, global_parameter_names, init_layout_independent)
+    from megatron_asyncmesh.optim.stage_local import make_optimizer_stage_local
+    from megatron_asyncmesh.pipeline.install import unpatch
+    from megatron_asyncmesh.runner.megatron import forward_step
 
     cfg = model_cfg(P)
     model = build_gpt_stage(cfg, VOCAB)
@@ -120,7 +122,7 @@ def linear_job(P: int, M: int, steps: int, out_dir: str, lr: float = 0.05) -> No
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.module import MegatronModule
 
-    from megatron_asyncmesh.pipeline.patch import unpatch
+    from megatron_asyncmesh.pipeline.install import unpatch
 
     stage = parallel_state.get_pipeline_model_parallel_rank()
     config = TransformerConfig(num_layers=P, hidden_size=H_LIN, num_attention_heads=1,

@@ -111,7 +111,7 @@ def test_checkpoint_metadata_keep_last_and_bad_checkpoints(tmp_path, data_args):
     """Metadata with checksums, --save-keep-last, the save and drain times recorded; a
     truncated shard, a corrupted byte, missing metadata, a newer format version and
     a different model are refused with a message naming the problem."""
-    from megatron_asyncmesh.checkpoint import META, CheckpointError, verify
+    from megatron_asyncmesh.checkpoint.integrity import META, CheckpointError, verify
 
     from megatron_asyncmesh.config import parse_config
 
@@ -200,3 +200,26 @@ def test_kill_a_rank_in_the_middle_of_a_save(tmp_path, data_args):
     after = {r["step"]: r["loss"] for r in read_metrics(resumed)[0]}
     assert sorted(after) == [5, 6, 7, 8]
     assert [after[s] for s in after] == [before[s] for s in after]
+
+
+def test_legacy_checkpoint_continues(tmp_path):
+    """A checkpoint written by an earlier version (tests/fixtures/legacy_mesh, made by
+    make_legacy_checkpoint.py at the commit it names: the full mesh, PP = 2 x DP = 2,
+    2bw + nadamw + error feedback + sparse ema averaging, saved at step 3) loads with
+    this version and continues bitwise: steps 4-6 and the final validation loss equal
+    that version's own straight run."""
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "legacy_mesh")
+    with open(os.path.join(fixture, "expected.json")) as f:
+        expected = json.load(f)
+    work = str(tmp_path / "legacy")
+    shutil.copytree(fixture, work)
+    prefix = os.path.join(work, "data", "corpus")
+    run = str(tmp_path / "run")
+    launch(["-m", "megatron_asyncmesh.train", *expected["args"], "--data-path", prefix,
+            "--tokenizer-model", prefix + ".tokenizer.model", "--run-dir", run,
+            "--load", os.path.join(work, "ckpt")], nproc=4)
+    train_lines, val_lines = read_metrics(run)
+    got = {str(r["step"]): r["loss"] for r in train_lines}
+    assert sorted(got) == ["4", "5", "6"]
+    assert got == {s: expected["losses"][s] for s in got}
+    assert val_lines[-1]["val_loss"] == expected["val_loss"]

@@ -29,7 +29,7 @@ import json, sys
 import megatron_asyncmesh
 import torch
 from megatron.core import dist_checkpointing
-from megatron_asyncmesh.convert import iteration_dir, single_process
+from megatron_asyncmesh.checkpoint.convert import iteration_dir, single_process
 from megatron_asyncmesh.config import TrainConfig
 
 def flat(d, pre=""):
@@ -147,8 +147,8 @@ def test_hf_export_parity_and_round_trip(llama_run, tiny_data):
 
 # ----------------------------------------------------------------------------- bad input
 def test_bad_inputs_are_refused_and_leave_nothing(tmp_path, llama_run):
-    from megatron_asyncmesh import convert
-    from megatron_asyncmesh.checkpoint import CheckpointError
+    from megatron_asyncmesh.checkpoint import convert
+    from megatron_asyncmesh.checkpoint.integrity import CheckpointError
     from megatron_asyncmesh.config import ConfigError
 
     src = str(tmp_path / "src")
@@ -181,7 +181,7 @@ def test_checkpoint_loading_never_unpickles_code(tmp_path, llama_run):
     import torch
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    from megatron_asyncmesh import checkpoint as ckpt
+    from megatron_asyncmesh.checkpoint import integrity as ckpt
 
     class Evil:
         def __reduce__(self):

@@ -261,8 +261,7 @@ def test_zero3_baseline_is_megatron_data_parallel(tmp_path, data_args, megatron_
     zero_to_fp32 and exported to Hugging Face (GPT-2 style), has the validation loss
     the run measured."""
     from megatron_asyncmesh.config import ConfigError, parse_config
-    from megatron_asyncmesh.convert import DS_CONFIG
-    from megatron_asyncmesh.train_deepspeed import check_zero_resume, saved_steps
+    from megatron_asyncmesh.checkpoint.deepspeed import DS_CONFIG, check_zero_resume, saved_steps
 
     ckpt, hf = str(tmp_path / "zero3_ckpt"), str(tmp_path / "zero3_hf")
     zero3 = ["--zero-stage", "3", "--lr-decay-iters", "6"]   # the 6-step schedule in both

@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     from megatron_asyncmesh import distributed as mdist
     from megatron_asyncmesh import optim
     from megatron_asyncmesh.config import parse_config
-    from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent, wrap_ddp
+    from megatron_asyncmesh.dataparallel.megatron import wrap_ddp
+    from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(mdist.free_port()))

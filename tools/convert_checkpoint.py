@@ -26,8 +26,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import megatron_asyncmesh  # noqa: E402,F401  (CPU compatibility layer before Megatron)
-from megatron_asyncmesh import convert  # noqa: E402
-from megatron_asyncmesh.checkpoint import CheckpointError  # noqa: E402
+from megatron_asyncmesh.checkpoint import convert  # noqa: E402
+from megatron_asyncmesh.checkpoint.integrity import CheckpointError  # noqa: E402
 from megatron_asyncmesh.config import ConfigError  # noqa: E402
 
 

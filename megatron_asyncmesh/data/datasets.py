@@ -17,7 +17,8 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
-from megatron_asyncmesh.data.indexed import check_indexed_dataset, check_vocab
+from megatron_asyncmesh.data.indexed import DatasetError, check_indexed_dataset, check_vocab
+from megatron_asyncmesh.data.preprocess import ensure_bundled, tokenizer_path_for
 from megatron_asyncmesh.data.tokenizer import load_megatron_tokenizer
 
 Batch = Dict[str, torch.Tensor]
@@ -96,3 +97,48 @@ def eval_microbatches(dataset, micro_batch_size: int, dp_rank: int, dp_size: int
                                       num_microbatches):
             batches.append(_collate(dataset, idx))
     return batches
+
+
+# --- the run's data, as every entry point builds it ---------------------------------
+def resolve_data(cfg) -> None:
+    """Fill in ``cfg``'s --data-path (the bundled corpus, prepared by rank 0 once) and
+    --tokenizer-model defaults (collective)."""
+    import json
+
+    import torch.distributed as dist
+
+    if cfg.data_path is None:
+        # Rank 0 prepares the bundled corpus once; the others wait for it.
+        error = None
+        if dist.get_rank() == 0:
+            try:
+                cfg.data_path = ensure_bundled()
+            except Exception as exc:  # broadcast, so every rank stops together
+                error = f"could not prepare the bundled corpus: {exc}"
+        box = [cfg.data_path, error]
+        dist.broadcast_object_list(box, src=0)
+        cfg.data_path, error = box
+        if error:
+            raise DatasetError(error)
+    if cfg.tokenizer_model is None:
+        candidate = tokenizer_path_for(cfg.data_path)
+        meta_path = cfg.data_path + ".meta.json"
+        if not os.path.isfile(candidate) and os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                candidate = json.load(f).get("tokenizer_model", candidate)
+        if not os.path.isfile(candidate):
+            raise DatasetError(
+                f"no tokenizer found for --data-path {cfg.data_path!r} (looked for "
+                f"{candidate!r}); pass --tokenizer-model.")
+        cfg.tokenizer_model = candidate
+
+
+def build_run_datasets(cfg, needs_data: bool = True) -> "GPTData":
+    """The run's train / valid GPTDatasets, as every entry point builds them (after
+    :func:`resolve_data`; collective). ``tools/evaluate.py`` relies on getting the same
+    validation samples as training."""
+    gb = cfg.global_batch_size
+    return build_gpt_datasets(
+        cfg.data_path, cfg.tokenizer_model, cfg.seq_length, cfg.seed, cfg.split,
+        train_samples=cfg.train_iters * gb, valid_samples=max(1, cfg.eval_iters) * gb,
+        cache_path=cfg.data_cache_path, needs_data=needs_data)

@@ -39,8 +39,17 @@ from typing import Optional
 
 import torch
 
+from megatron_asyncmesh import patching
 from megatron_asyncmesh.dataparallel.averaging import AveragingConfig, AveragingError, \
     SparseAverager
+
+DS_PATCH = patching.declare(
+    "deepspeed-engine-averaging", package="deepspeed",
+    target="`enable_backward_allreduce` (ZeRO-0) and `step` of a `DeepSpeedEngine` instance",
+    replacement="False, and a wrapper that runs the sparse averaging after each applied "
+                "optimizer step (`engine.was_step_applied()`)",
+    why="DeepSpeed 0.19.8 has no communication hook; this is how 1-bit Adam plugged in",
+    when="`attach_sparse_averaging(engine, ...)` (train_deepspeed --dp-averaging sparse)")
 
 
 class ReplicaMPU:
@@ -119,7 +128,8 @@ def attach_sparse_averaging(engine, cfg: AveragingConfig, group=None,
     params, after_apply = _engine_parameters(engine, names)
     averager = SparseAverager(params, cfg, group=group, comm=dscomm, after_apply=after_apply)
     if stage == 0:
-        engine.enable_backward_allreduce = False
+        patching.replace(engine, "enable_backward_allreduce", False, patch=DS_PATCH,
+                         label="DeepSpeedEngine.enable_backward_allreduce")
     # ZeRO-1 moves gradients into its fp32 partition inside that "all-reduce"; over the
     # one-rank replica group (ReplicaMPU) it is bookkeeping only and sends nothing.
     step = engine.step
@@ -130,6 +140,7 @@ def attach_sparse_averaging(engine, cfg: AveragingConfig, group=None,
             averager.step()
         return out
 
-    engine.step = step_then_average
+    patching.replace(engine, "step", step_then_average, patch=DS_PATCH,
+                     label="DeepSpeedEngine.step")
     engine.sparse_averager = averager
     return averager

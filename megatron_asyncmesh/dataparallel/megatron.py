@@ -1,6 +1,9 @@
 """AsyncMesh on Megatron-core: independent replicas, sparse averaging after each step.
 
-Two changes to a Megatron training loop, both here:
+Three pieces of a Megatron training loop, all here:
+
+0. :func:`wrap_ddp`: Megatron's ``DistributedDataParallel`` for the run: the
+   synchronous gradient all-reduce over data-parallel ranks, or (sparse) replicas.
 
 1. :func:`replica_process_groups`: Megatron's ``DistributedDataParallel`` is
    built with a ``ProcessGroupCollection`` whose data-parallel group is this
@@ -21,24 +24,10 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from megatron_asyncmesh.config import ConfigError, TrainConfig
-from megatron_asyncmesh.dataparallel.averaging import AveragingConfig, AveragingError, \
-    SparseAverager
-
-
-def averaging_config(cfg: TrainConfig) -> Optional[AveragingConfig]:
-    """The AveragingConfig of ``--dp-averaging sparse`` (None for synchronous DP)."""
-    if cfg.dp_averaging != "sparse":
-        return None
-    try:
-        return AveragingConfig(
-            fraction=cfg.dp_fraction, delay=cfg.dp_delay, correction=cfg.dp_correction,
-            selector=cfg.dp_selector, lam=cfg.dp_lambda,
-            seed=cfg.seed if cfg.dp_seed is None else cfg.dp_seed,
-            ema_start=cfg.dp_ema_start, ema_anneal_iters=cfg.dp_ema_anneal_iters,
-            train_iters=cfg.train_iters).validate()
-    except AveragingError as exc:
-        raise ConfigError(str(exc)) from None
+from megatron_asyncmesh.dataparallel.averaging import AveragingError, SparseAverager
+from megatron_asyncmesh.dataparallel.config import averaging_config
+from megatron_asyncmesh.model import global_parameter_names
+from megatron_asyncmesh.options import ConfigError
 
 
 _singleton_groups: dict = {}
@@ -65,6 +54,26 @@ def replica_process_groups():
         ep=parallel_state.get_expert_model_parallel_group())
 
 
+def wrap_ddp(cfg, model):
+    """Megatron's DistributedDataParallel: contiguous grad buffers, DP all-reduce (none
+    with ``--dp-averaging sparse``)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    pg_collection = None
+    if cfg.dp_averaging == "sparse":
+        # Independent replicas: DDP's data-parallel group is this rank alone, so its
+        # gradient all-reduce is a no-op; the averaging runs after the optimizer step.
+        pg_collection = replica_process_groups()
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
+                                   pg_collection=pg_collection)
+
+
 def _leaf_optimizers(optimizer) -> list:
     inner = getattr(optimizer, "optimizer", None)
     if hasattr(optimizer, "chained_optimizers"):
@@ -78,8 +87,6 @@ def main_parameters(model, optimizer) -> Tuple[List[Tuple[str, torch.Tensor]], l
     """``(global name, main parameter)`` of every trainable parameter of this
     stage, plus the mixed-precision optimizers whose model copies must be
     refreshed after main parameters change."""
-    from megatron_asyncmesh.model import global_parameter_names
-
     module = model.module if hasattr(model, "module") else model
     names = global_parameter_names(module)
     main_of, refresh = {}, []
@@ -95,9 +102,9 @@ def main_parameters(model, optimizer) -> Tuple[List[Tuple[str, torch.Tensor]], l
     return params, refresh
 
 
-def build_averager(cfg: TrainConfig, model, optimizer) -> Optional[SparseAverager]:
+def build_averager(cfg, model, optimizer) -> Optional[SparseAverager]:
     """The stage's averager over its data-parallel group (None without sparse DP)."""
-    acfg = averaging_config(cfg)
+    acfg = averaging_config(cfg, cfg.seed, cfg.train_iters)
     if acfg is None:
         return None
     import deepspeed.comm as dscomm

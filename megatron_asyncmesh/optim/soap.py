@@ -25,6 +25,8 @@ import torch
 from emerging_optimizers.soap import soap as _soap_module
 from emerging_optimizers.soap.soap import SOAP
 
+from megatron_asyncmesh import patching
+
 
 def _keep_basis(kronecker_factor_list, eigenbasis_list, exp_avg_sq, exp_avg, **_):
     return eigenbasis_list, exp_avg, exp_avg_sq
@@ -35,14 +37,18 @@ def _keep_basis(kronecker_factor_list, eigenbasis_list, exp_avg_sq, exp_avg, **_
 FACTOR_KEYS = ("L", "R", "Q_L", "Q_R")
 
 
-@contextlib.contextmanager
+KEEP_BASIS_PATCH = patching.declare(
+    "soap-refresh-period", package="emerging-optimizers",
+    target="`emerging_optimizers.soap.soap.update_eigenbasis_and_exp_avgs` (module global)",
+    replacement="identity on (basis, moments)",
+    why="emerging-optimizers 0.3's SOAP refreshes the eigenbasis at every step and has no "
+        "period argument; the Kronecker-factor EMA and the Adam update stay the library's",
+    when="only during a `StageAwareSOAP.step()` that is not a refresh step")
+
+
 def _basis_frozen():
-    original = _soap_module.update_eigenbasis_and_exp_avgs
-    _soap_module.update_eigenbasis_and_exp_avgs = _keep_basis
-    try:
-        yield
-    finally:
-        _soap_module.update_eigenbasis_and_exp_avgs = original
+    return patching.replaced(_soap_module, "update_eigenbasis_and_exp_avgs", _keep_basis,
+                             patch=KEEP_BASIS_PATCH)
 
 
 class StageAwareSOAP(SOAP):

@@ -15,6 +15,17 @@ import os
 import time
 from typing import List, Optional
 
+from megatron_asyncmesh import patching
+
+TIMING_PATCH = patching.declare(
+    "timeline-compute", package="megatron-core",
+    target="`megatron.core.pipeline_parallel.schedules.forward_step` and `.backward_step` "
+           "(module globals)",
+    replacement="the same functions, timed (an interval per call on the rank's timeline)",
+    why="measurement only: both Megatron's own 1F1B and the executor call them, so the "
+        "synchronous baseline is timed on Megatron's own schedule",
+    when="during a training run (`Timeline.install()` .. `uninstall()`)")
+
 
 class Timeline:
     def __init__(self, stage: int, rank: int):
@@ -50,7 +61,8 @@ class Timeline:
             timeline.add("B", t0, time.time())
             return out
 
-        schedules.forward_step, schedules.backward_step = forward_step, backward_step
+        patching.replace(schedules, "forward_step", forward_step, patch=TIMING_PATCH)
+        patching.replace(schedules, "backward_step", backward_step, patch=TIMING_PATCH)
         return self
 
     def uninstall(self) -> None:
@@ -58,7 +70,8 @@ class Timeline:
             return
         from megatron.core.pipeline_parallel import schedules
 
-        schedules.forward_step, schedules.backward_step = self._saved
+        patching.restore(schedules, "backward_step", self._saved[1], patch=TIMING_PATCH)
+        patching.restore(schedules, "forward_step", self._saved[0], patch=TIMING_PATCH)
         self._saved = None
 
     def discard_before(self, t: float) -> None:

@@ -1,85 +1,32 @@
-"""Install the asynchronous schedule into Megatron-core with one call.
+"""Keep an optimizer's gradient statistics inside its pipeline stage.
 
-    import megatron_asyncmesh
-    schedule = megatron_asyncmesh.patch("2bw", train_iters=args.train_iters)
-    optimizer = get_megatron_optimizer(...)
-    megatron_asyncmesh.make_optimizer_stage_local(optimizer)
-
-After ``patch``, ``megatron.core.pipeline_parallel.get_forward_backward_func()``
-returns the ``AsyncPipelineSchedule`` (it reads the module globals
-``forward_backward_pipelining_without_interleaving`` and
-``forward_backward_no_pipelining`` at call time, which is what is replaced).
-Nothing else in Megatron is modified; ``unpatch()`` restores both. What is
-patched and the versions it was verified on: ``patches/README.md``.
+Megatron reduces the gradient norm (for clipping), the inf/nan flag and the zero count
+over every pipeline stage inside ``optimizer.step()``; under an asynchronous pipeline
+that collective would make the stages wait for each other every step.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Optional
+from megatron_asyncmesh import patching
 
-from megatron_asyncmesh.pipeline.runtime import AsyncPipelineSchedule
-
-log = logging.getLogger(__name__)
-
-VERIFIED_MEGATRON_CORE = ("0.19.2",)
-_ORIGINALS: dict = {}
-_ACTIVE: Optional[AsyncPipelineSchedule] = None
-_NAMES = ("forward_backward_pipelining_without_interleaving", "forward_backward_no_pipelining")
-
-
-def _check_version(allow_unverified: bool) -> None:
-    from importlib.metadata import version
-
-    found = version("megatron-core")
-    if found not in VERIFIED_MEGATRON_CORE and not allow_unverified:
-        raise RuntimeError(
-            f"megatron-core {found} is installed; the asynchronous schedule was verified on "
-            f"{', '.join(VERIFIED_MEGATRON_CORE)} (it relies on P2PCommunicator, forward_step, "
-            "backward_step and get_forward_backward_func's module lookup). Install "
-            "megatron-core==0.19.2 or pass allow_unverified=True and run tests/test_pipeline_*.")
-
-
-def patch(mode: str, *, train_iters: Optional[int] = None, drain_interval: Optional[int] = None,
-          start_step: int = 0, allow_unverified: bool = False) -> AsyncPipelineSchedule:
-    """Make Megatron's get_forward_backward_func() return the ``mode`` schedule.
-
-    ``train_iters`` drains the pipeline on the last step; ``drain_interval``
-    every so many steps (e.g. the evaluation interval); or call
-    ``schedule.request_drain()`` before the step preceding an evaluation or
-    checkpoint. Returns the schedule object (for ``stats()`` and drains).
-    """
-    global _ACTIVE
-    from megatron.core.pipeline_parallel import schedules
-
-    _check_version(allow_unverified)
-    unpatch()
-    schedule = AsyncPipelineSchedule(mode, train_iters=train_iters,
-                                     drain_interval=drain_interval, start_step=start_step)
-    for name in _NAMES:
-        _ORIGINALS[name] = getattr(schedules, name)
-        setattr(schedules, name, schedule)
-    _ACTIVE = schedule
-    return schedule
-
-
-def unpatch() -> None:
-    global _ACTIVE
-    from megatron.core.pipeline_parallel import schedules
-
-    for name, fn in _ORIGINALS.items():
-        setattr(schedules, name, fn)
-    _ORIGINALS.clear()
-    _ACTIVE = None
-
-
-def megatron_schedule():
-    """Megatron's own (synchronous) function for the current pipeline size."""
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import schedules
-
-    name = _NAMES[0] if parallel_state.get_pipeline_model_parallel_world_size() > 1 else _NAMES[1]
-    return _ORIGINALS.get(name, getattr(schedules, name))
+GROUP_PATCH = patching.declare(
+    "stage-local-grad-stats", package="megatron-core",
+    target="optimizer instance attribute `grad_stats_parallel_group` (each optimizer of a "
+           "`ChainedOptimizer`)",
+    replacement="the stage's TP group (plain optimizer) or TP x DP group "
+                "(`DistributedOptimizer`)",
+    why="Megatron reduces grad norm / inf flags over all pipeline stages inside "
+        "`optimizer.step()`; that collective would re-synchronise the pipeline",
+    when="`make_optimizer_stage_local(optimizer)`: asynchronous pipeline schedules")
+LAYER_WISE_PATCH = patching.declare(
+    "stage-local-layer-wise", package="megatron-core",
+    target="instance methods `get_grad_norm`, `_get_grad_norm_for_group`, "
+           "`has_grad_norm_group`, `count_zeros` of a `LayerWiseDistributedOptimizer`",
+    replacement="the same reductions over the stage's TP x DP group",
+    why="Megatron hard-codes `group=None` (the whole world) there: a collective across "
+        "pipeline stages in every step",
+    when="`make_optimizer_stage_local(optimizer)` with the layer-wise optimizer, "
+         "asynchronous pipeline only")
 
 
 def make_optimizer_stage_local(optimizer) -> None:
@@ -112,7 +59,8 @@ def make_optimizer_stage_local(optimizer) -> None:
             group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
         else:
             group = parallel_state.get_tensor_model_parallel_group()
-        opt.grad_stats_parallel_group = group
+        patching.replace(opt, "grad_stats_parallel_group", group, patch=GROUP_PATCH,
+                         label=f"{type(opt).__name__}.grad_stats_parallel_group")
         if hasattr(opt, "_has_grad_norm_group_cache"):
             opt._has_grad_norm_group_cache = None
 
@@ -156,8 +104,9 @@ def _layer_wise_stage_local(optimizer, group) -> None:
                                 use_decoupled_grad=optimizer.config
                                 .use_precision_aware_optimizer_no_fp8_or_ds_fp8)
 
-    optimizer.get_grad_norm = get_grad_norm
-    optimizer._get_grad_norm_for_group = _get_grad_norm_for_group
-    optimizer.has_grad_norm_group = has_grad_norm_group
-    optimizer.count_zeros = count_zeros
-    optimizer.grad_stats_parallel_group = group
+    for name, fn in (("get_grad_norm", get_grad_norm),
+                     ("_get_grad_norm_for_group", _get_grad_norm_for_group),
+                     ("has_grad_norm_group", has_grad_norm_group), ("count_zeros", count_zeros),
+                     ("grad_stats_parallel_group", group)):
+        patching.replace(optimizer, name, fn, patch=LAYER_WISE_PATCH,
+                         label=f"LayerWiseDistributedOptimizer.{name}")

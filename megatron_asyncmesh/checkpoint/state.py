@@ -1,4 +1,4 @@
-"""Checkpoints through Megatron-core's ``dist_checkpointing`` (torch_dist format).
+"""Training state saved and loaded through Megatron-core's ``dist_checkpointing`` (torch_dist format).
 
 Layout under ``--save DIR``::
 
@@ -22,213 +22,15 @@ from typing import Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
-from megatron_asyncmesh.config import ConfigError, TrainConfig
-
-LATEST = "latest_checkpointed_iteration.txt"
-META = "asyncmesh_meta.json"          # written last: its presence marks a complete checkpoint
-FORMAT_VERSION = 1
-# What a checkpoint's tensors are shaped and laid out by; loading into another value fails.
-SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                "untie_embeddings_and_output_weights", "position_embedding_type",
-                "normalization", "swiglu")
-LAYOUT_FIELDS = ("pipeline_model_parallel_size", "pipeline_schedule", "dp_averaging",
-                 "data_parallel_size")
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
-
-
-def _sha256(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def model_shape(cfg: TrainConfig, vocab_size: int) -> dict:
-    """What fixes every tensor's shape: SHAPE_FIELDS (FFN size resolved) and the
-    padded vocabulary."""
-    out = {f: getattr(cfg, f) for f in SHAPE_FIELDS}
-    out["ffn_hidden_size"] = cfg.resolved_ffn_hidden_size()
-    out["padded_vocab_size"] = vocab_size
-    return out
-
-
-def check_same_model(where: str, saved: dict, cfg: TrainConfig, vocab_size: int) -> None:
-    """Raise CheckpointError naming every field where ``saved`` (a ``model_shape``)
-    differs from this run's model."""
-    mine = model_shape(cfg, vocab_size)
-    diff = {f: (saved.get(f), v) for f, v in mine.items() if saved.get(f) != v}
-    if diff:
-        raise CheckpointError(
-            f"{where} holds a different model: "
-            + ", ".join(f"{k} saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            + ". Use the same model flags (and tokenizer, for the vocabulary).")
-
-
-def _layout(cfg: TrainConfig, vocab_size: int, dp: int) -> dict:
-    out = model_shape(cfg, vocab_size)
-    out.update({f: getattr(cfg, f) for f in LAYOUT_FIELDS if f != "data_parallel_size"})
-    out["data_parallel_size"] = dp
-    return out
-
-
-def _dp() -> int:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_world_size()
-
-
-def write_meta(directory: str, cfg: TrainConfig, vocab_size: int, iteration: int,
-               contents: str = "full") -> None:
-    """Checksums of every file, the layout and the config, into ``META`` (atomically).
-    ``contents``: "full" (a training state) or "model" (weights only, e.g. imported
-    from Hugging Face: loads at any pipeline size with a fresh optimizer)."""
-    files = {}
-    for root, _, names in os.walk(directory):
-        for name in sorted(names):
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, directory)
-            files[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
-    meta = {"format_version": FORMAT_VERSION, "iteration": iteration,
-            "layout": _layout(cfg, vocab_size, _dp()), "contents": contents,
-            "config": cfg.to_dict(), "files": files}
-    tmp = os.path.join(directory, META + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(directory, META))
-
-
-# What torch_dist's pickled DCP metadata (``.metadata``) may reference: torch's own
-# checkpoint metadata classes, sizes, dtypes and layouts. Anything else is refused.
-_SAFE_PICKLE_MODULES = ("torch.distributed.checkpoint.metadata",
-                        "torch.distributed.checkpoint.planner",
-                        "torch.distributed.checkpoint.filesystem")
-_SAFE_PICKLE_NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"),
-                      ("collections", "OrderedDict")}
-
-
-def check_pickle(path: str) -> None:
-    """Unpickle ``path`` resolving only the allowed globals (see above): a pickle that
-    names any other callable (``os.system``, ``builtins.eval``, ...) is refused before
-    torch's DCP reader (which uses plain ``pickle.load``) ever sees it."""
-    import pickle
-
-    import torch
-
-    class Restricted(pickle.Unpickler):
-        def find_class(self, module, name):
-            if module in _SAFE_PICKLE_MODULES or (module, name) in _SAFE_PICKLE_NAMES or \
-                    (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-                return super().find_class(module, name)
-            raise CheckpointError(
-                f"{path} references {module}.{name}: checkpoint metadata may only hold torch's "
-                f"checkpoint classes; refusing to unpickle it (not a megatron-asyncmesh "
-                f"checkpoint, or tampered with).")
-
-    with open(path, "rb") as f:
-        try:
-            Restricted(f).load()
-        except CheckpointError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(f"{path}: unreadable checkpoint metadata ({exc}).") from None
-
-
-def weights_only_bytes() -> None:
-    """torch's DCP load planner (``DefaultLoadPlanner``, which Megatron's
-    ``MCoreLoadPlanner`` and ``load_common_state_dict`` use) reads a checkpoint's
-    non-tensor items (iteration, schedule state, param groups) with
-    ``torch.load(weights_only=False)``; make it ``weights_only=True`` (plain containers,
-    numbers, strings, tensors). Tensors are read weights-only by torch already."""
-    from torch.distributed.checkpoint._traverse import set_element
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-
-    if getattr(DefaultLoadPlanner, "_asyncmesh_weights_only", False):
-        return
-
-    def load_bytes(self, read_item, value) -> None:   # DefaultLoadPlanner's, weights-only
-        import torch
-
-        loaded = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn],
-                        loaded)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = loaded
-
-    DefaultLoadPlanner.load_bytes = load_bytes
-    DefaultLoadPlanner._asyncmesh_weights_only = True
-
-
-def verify(directory: str, cfg: Optional[TrainConfig] = None,
-           vocab_size: Optional[int] = None, dp: Optional[int] = None,
-           reshard: bool = False) -> dict:
-    """Check a checkpoint before reading a byte of it: complete, not newer than this
-    code, files intact, and (given ``cfg``, the padded vocabulary and DP) the same model
-    shape and layout (``reshard``: any pipeline size; the converter's loads). Raises
-    CheckpointError; returns the metadata."""
-    path = os.path.join(directory, META)
-    if not os.path.isfile(path):
-        raise CheckpointError(
-            f"{directory}: no {META}, so the checkpoint is incomplete (a save was "
-            f"interrupted) or was not written by megatron-asyncmesh; load an earlier one.")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: unreadable metadata ({exc}).") from None
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{directory}: checkpoint format version {version!r} is newer than this "
-            f"megatron-asyncmesh reads ({FORMAT_VERSION}); upgrade megatron-asyncmesh.")
-    for rel, info in meta["files"].items():
-        file = os.path.join(directory, rel)
-        if not os.path.isfile(file):
-            raise CheckpointError(f"{directory}: file {rel} is missing.")
-        size = os.path.getsize(file)
-        if size != info["bytes"]:
-            raise CheckpointError(f"{directory}: file {rel} has {size} bytes, the metadata "
-                                  f"says {info['bytes']} (truncated or overwritten).")
-        if _sha256(file) != info["sha256"]:
-            raise CheckpointError(f"{directory}: file {rel} does not match its checksum "
-                                  f"(corrupted); load an earlier checkpoint.")
-        if os.path.basename(rel) == ".metadata":
-            check_pickle(file)
-    weights_only_bytes()               # every load after this check reads weights-only
-    if cfg is not None:
-        saved, mine = meta["layout"], _layout(cfg, vocab_size, dp)
-        check_same_model(directory, saved, cfg, vocab_size)
-        if meta.get("contents", "full") == "model":
-            return meta                   # weights only: any layout, fresh optimizer
-        pp = saved["pipeline_model_parallel_size"], mine["pipeline_model_parallel_size"]
-        if pp[0] != pp[1] and not reshard:
-            raise CheckpointError(
-                f"{directory} was saved with --pipeline-model-parallel-size {pp[0]}, this "
-                f"run has {pp[1]}: resume with {pp[0]} stages, or reshard it first: "
-                f"python tools/convert_checkpoint.py reshard --input {directory} "
-                f"--output NEW_DIR --pipeline-model-parallel-size {pp[1]}")
-        dp = saved["data_parallel_size"], mine["data_parallel_size"]
-        if mine["dp_averaging"] == "sparse" and saved["dp_averaging"] == "sparse" and \
-                dp[0] != dp[1]:
-            raise CheckpointError(
-                f"{directory} holds {dp[0]} independent replicas (--dp-averaging sparse); "
-                f"this run has {dp[1]}: resume with {dp[0]} data-parallel replicas.")
-    return meta
-
+from megatron_asyncmesh.checkpoint.integrity import (
+    LATEST, META, data_parallel_size, verify, write_meta)
+from megatron_asyncmesh.options import ConfigError
 
 def _iter_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def _versions(cfg: TrainConfig, model, model_sd, iteration: int,
+def _versions(cfg, model, model_sd, iteration: int,
               held: Optional[Dict[int, List]] = None,
               num_microbatches: Optional[int] = None) -> dict:
     """ShardedTensors of the older weight versions a no-flush pipeline resumes on, keyed
@@ -281,7 +83,7 @@ def _per_replica(state: dict) -> None:
 
 
 def _state(model, optimizer, scheduler, iteration: int, is_loading: bool,
-           cfg: Optional[TrainConfig] = None, held: Optional[Dict[int, List]] = None,
+           cfg=None, held: Optional[Dict[int, List]] = None,
            num_microbatches: Optional[int] = None, averager=None) -> dict:
     """``cfg`` is given for a no-flush pipeline: its schedule and weight versions are
     part of the checkpoint (see :func:`_versions` for ``held`` / ``num_microbatches``).
@@ -319,7 +121,7 @@ def _state(model, optimizer, scheduler, iteration: int, is_loading: bool,
     return state
 
 
-def save(cfg: TrainConfig, model, optimizer, scheduler, iteration: int,
+def save(cfg, model, optimizer, scheduler, iteration: int,
          schedule=None, averager=None) -> str:
     """``schedule``: the asynchronous pipeline (drained), whose older weight versions
     are saved too; ``averager``: sparse data-parallel averaging (see :func:`_state`)."""
@@ -377,7 +179,7 @@ def _keep_last(root: str, keep: int) -> None:
             shutil.rmtree(_iter_dir(root, it), ignore_errors=True)
 
 
-def load(cfg: TrainConfig, model, optimizer, scheduler,
+def load(cfg, model, optimizer, scheduler,
          num_microbatches: Optional[int] = None, averager=None, reshard: bool = False,
          iteration_path: Optional[str] = None) -> Tuple[int, Dict[int, List]]:
     """Load the latest checkpoint under ``--load`` (or ``iteration_path``); return its
@@ -397,7 +199,7 @@ def load(cfg: TrainConfig, model, optimizer, scheduler,
         path = _iter_dir(cfg.load, iteration)
     else:
         path = iteration_path
-    meta = verify(path, cfg, model.module.vocab_size, _dp(), reshard=reshard)
+    meta = verify(path, cfg, model.module.vocab_size, data_parallel_size(), reshard=reshard)
     iteration = meta["iteration"]
     if meta.get("contents", "full") == "model":
         state = dist_checkpointing.load({"model": model.module.sharded_state_dict()}, path)

@@ -76,7 +76,8 @@ class AsyncPipelineSchedule:
         self._out_grads: Dict[int, torch.Tensor] = {}
         self._in_grads: Dict[int, torch.Tensor] = {}
         self._versions: Dict[int, int] = {}
-        self._megatron = None
+        # Megatron's functions this object stands in for (set by install.patch()).
+        self.megatron_functions: Dict[str, object] = {}
         self._restored: Dict[int, List[torch.Tensor]] = {}
 
     # -- checkpoints -----------------------------------------------------------
@@ -226,9 +227,15 @@ class AsyncPipelineSchedule:
         return losses
 
     def _megatron_func(self):
-        from megatron_asyncmesh.pipeline import patch as patch_mod
+        """Megatron's own function for this pipeline size: the one ``install.patch()``
+        replaced with this object, or the module's current one when not installed."""
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import schedules
 
-        return patch_mod.megatron_schedule()
+        name = ("forward_backward_pipelining_without_interleaving"
+                if parallel_state.get_pipeline_model_parallel_world_size() > 1
+                else "forward_backward_no_pipelining")
+        return self.megatron_functions.get(name) or getattr(schedules, name)
 
     # -- executor ----------------------------------------------------------------
     def _run(self, actions, schedules, forward_step_func, data_iterator, model, shape,

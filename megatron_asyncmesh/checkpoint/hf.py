@@ -20,7 +20,9 @@ from typing import Dict, Tuple
 
 import torch
 
-from megatron_asyncmesh.config import ConfigError, TrainConfig
+from megatron_asyncmesh.options import ConfigError
+
+PROJECT_CONFIG = "asyncmesh_config.json"   # written by the exporters beside config.json
 
 LAYERNORM_EPS = 1e-5        # Megatron TransformerConfig.layernorm_epsilon default
 ROTARY_BASE = 10000.0       # Megatron GPTModel rotary_base default
@@ -28,7 +30,7 @@ ROTARY_BASE = 10000.0       # Megatron GPTModel rotary_base default
 Tensors = Dict[str, torch.Tensor]
 
 
-def family(cfg: TrainConfig) -> str:
+def family(cfg) -> str:
     """'gpt2' or 'llama' for a project model config; ConfigError otherwise."""
     shape = (cfg.position_embedding_type, cfg.normalization, cfg.swiglu)
     if shape == ("learned_absolute", "LayerNorm", False):
@@ -55,7 +57,7 @@ def _merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) ->
     return torch.cat(parts, dim=1).reshape(3 * heads * hd, *q.shape[1:])
 
 
-def hf_config(cfg: TrainConfig, vocab_size: int, kind: str) -> dict:
+def hf_config(cfg, vocab_size: int, kind: str) -> dict:
     """config.json contents (``vocab_size``: the padded embedding rows)."""
     tied = not cfg.untie_embeddings_and_output_weights
     common = {"vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": 2,
@@ -130,7 +132,7 @@ def _layer_pairs(kind: str, i: int):
     return out
 
 
-def to_hf(state: Tensors, cfg: TrainConfig) -> Tuple[str, Tensors]:
+def to_hf(state: Tensors, cfg) -> Tuple[str, Tensors]:
     """Megatron PP = 1 state dict -> (family, Hugging Face state dict)."""
     kind = family(cfg)
     heads, out = cfg.num_attention_heads, {}
@@ -177,7 +179,7 @@ def to_hf(state: Tensors, cfg: TrainConfig) -> Tuple[str, Tensors]:
     return kind, {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def from_hf(hf: Tensors, cfg: TrainConfig) -> Tensors:
+def from_hf(hf: Tensors, cfg) -> Tensors:
     """Hugging Face state dict -> Megatron PP = 1 state dict (inverse of :func:`to_hf`)."""
     kind = family(cfg)
     heads, out = cfg.num_attention_heads, {}

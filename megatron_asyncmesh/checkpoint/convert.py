@@ -33,11 +33,19 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron_asyncmesh.checkpoint import LATEST, META, CheckpointError, verify
-from megatron_asyncmesh.config import ConfigError, TrainConfig
+from megatron_asyncmesh import distributed as mdist
+from megatron_asyncmesh.checkpoint import hf
+from megatron_asyncmesh.checkpoint import state as ckpt
+from megatron_asyncmesh.checkpoint.deepspeed import DS_CONFIG
+from megatron_asyncmesh.checkpoint.hf import PROJECT_CONFIG
+from megatron_asyncmesh.checkpoint.integrity import LATEST, META, CheckpointError, verify
+from megatron_asyncmesh.config import TrainConfig, config_from_dict
+from megatron_asyncmesh.model import build_gpt_stage
+from megatron_asyncmesh.options import ConfigError
+from megatron_asyncmesh.pipeline.executor import AsyncPipelineSchedule
+from megatron_asyncmesh.runner.megatron import build_stage
 
 HF_TOKENIZER = "tokenizer.model"
-DS_CONFIG = "asyncmesh_config.json"    # beside a DeepSpeed checkpoint (train_deepspeed --save)
 
 
 # --------------------------------------------------------------------------- paths
@@ -55,11 +63,6 @@ def iteration_dir(path: str) -> str:
     raise CheckpointError(
         f"{path!r} is not a megatron-asyncmesh checkpoint: neither {META} nor {LATEST} "
         f"is there (pass the --save directory or one of its iter_XXXXXXX directories).")
-
-
-def config_from_dict(values: dict) -> TrainConfig:
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in known})
 
 
 def read_checkpoint(path: str) -> Tuple[str, dict, TrainConfig]:
@@ -97,7 +100,6 @@ def single_process(cfg: TrainConfig):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_asyncmesh import distributed as mdist
 
     cfg = dataclasses.replace(cfg, pipeline_model_parallel_size=1, data_parallel_size=None,
                               decoder_first_pipeline_num_layers=None,
@@ -121,7 +123,6 @@ def single_process(cfg: TrainConfig):
 
 def build_model(cfg: TrainConfig, padded_vocab: int):
     """The unsplit GPTModel (call inside :func:`single_process`), eval mode."""
-    from megatron_asyncmesh.model import build_gpt_stage
 
     model = build_gpt_stage(cfg, padded_vocab)
     return model.eval()
@@ -164,13 +165,11 @@ def write_hf(output: str, cfg: TrainConfig, state: dict, padded_vocab: int,
     """config.json + model.safetensors (+ the SentencePiece tokenizer) into ``output``."""
     from safetensors.torch import save_file
 
-    from megatron_asyncmesh import hf
 
     kind, tensors = hf.to_hf(state, cfg)
     with open(os.path.join(output, "config.json"), "w") as f:
         json.dump(hf.hf_config(cfg, padded_vocab, kind), f, indent=1)
     save_file(tensors, os.path.join(output, "model.safetensors"), metadata={"format": "pt"})
-    from megatron_asyncmesh.evaluate import PROJECT_CONFIG
 
     with open(os.path.join(output, PROJECT_CONFIG), "w") as f:   # evaluation defaults
         json.dump({"config": cfg.to_dict(), "padded_vocab_size": padded_vocab}, f, indent=1)
@@ -217,7 +216,6 @@ def write_hf_tokenizer(tokenizer_model: str, output: str, max_length: int) -> No
 def export_hf(checkpoint: str, output: str, replica: Optional[int] = None,
               overwrite: bool = False, log=print) -> dict:
     directory, meta, cfg = read_checkpoint(checkpoint)
-    from megatron_asyncmesh import hf
 
     hf.family(cfg)                                  # refuse before any work
     padded = meta["layout"]["padded_vocab_size"]
@@ -263,8 +261,6 @@ def import_hf(path: str, output: str, base: Optional[TrainConfig] = None,
     Hugging Face config's)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_asyncmesh import checkpoint as ckpt
-    from megatron_asyncmesh import hf
 
     config, tensors = read_hf(path)
     overrides = hf.config_overrides(config)
@@ -319,7 +315,6 @@ def export_zero(checkpoint: str, output: str, overwrite: bool = False, log=print
     with open(config_path) as f:
         saved = json.load(f)
     cfg = config_from_dict(saved["config"])
-    from megatron_asyncmesh import hf
 
     hf.family(cfg)
     padded = saved["padded_vocab_size"]
@@ -353,7 +348,6 @@ def reshard(checkpoint: str, output: str, pipeline_size: int, drop_async_state: 
     of every layout-independent tensor and the checkpoint is saved at P'."""
     import subprocess
 
-    from megatron_asyncmesh.distributed import free_port
 
     directory, meta, cfg = read_checkpoint(checkpoint)
     layout = meta["layout"]
@@ -370,7 +364,7 @@ def reshard(checkpoint: str, output: str, pipeline_size: int, drop_async_state: 
                "drop_async_state": drop_async_state}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                str(pipeline_size), "--master_addr", "127.0.0.1", "--master_port",
-               str(free_port()), "-m", "megatron_asyncmesh.convert", json.dumps(job)]
+               str(mdist.free_port()), "-m", "megatron_asyncmesh.checkpoint.convert", json.dumps(job)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             lines = (proc.stdout + proc.stderr).splitlines()
@@ -389,10 +383,6 @@ def _reshard_worker(job: dict) -> None:
     import torch.distributed as dist
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from megatron_asyncmesh import checkpoint as ckpt
-    from megatron_asyncmesh import distributed as mdist
-    from megatron_asyncmesh.pipeline.runtime import AsyncPipelineSchedule
-    from megatron_asyncmesh.train import build_stage
 
     directory, meta, saved = read_checkpoint(job["input"])
     root = os.path.dirname(directory)

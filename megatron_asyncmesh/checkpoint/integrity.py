@@ -1,0 +1,228 @@
+"""Checkpoint integrity: the sealed metadata (format version, model shape and layout,
+size and SHA-256 of every file) and its verification before anything is read, the
+weights-only loading of DCP items, and the model-shape check shared by every checkpoint
+kind.
+
+A checkpoint directory is complete when ``asyncmesh_meta.json`` (written last, atomically)
+is there; ``verify`` checks the metadata, every checksum, the pickled DCP metadata and,
+given a config, the model shape and layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from megatron_asyncmesh import patching
+from megatron_asyncmesh.options import ConfigError
+
+WEIGHTS_ONLY_PATCH = patching.declare(
+    "dcp-weights-only", package="torch",
+    target="`torch.distributed.checkpoint.default_planner.DefaultLoadPlanner.load_bytes`",
+    replacement="the same placement of the loaded object, read with "
+                "`torch.load(weights_only=True)`",
+    why="torch 2.13 reads a checkpoint's non-tensor items (iteration, scheduler state, param "
+        "groups; Megatron's `MCoreLoadPlanner` and `load_common_state_dict` inherit it) with "
+        "`weights_only=False`, which would run any pickled callable",
+    when="from the first `verify()` (before any load) to the end of the process")
+
+LATEST = "latest_checkpointed_iteration.txt"
+META = "asyncmesh_meta.json"          # written last: its presence marks a complete checkpoint
+FORMAT_VERSION = 1
+# What a checkpoint's tensors are shaped and laid out by; loading into another value fails.
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                "untie_embeddings_and_output_weights", "position_embedding_type",
+                "normalization", "swiglu")
+LAYOUT_FIELDS = ("pipeline_model_parallel_size", "pipeline_schedule", "dp_averaging",
+                 "data_parallel_size")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_shape(cfg, vocab_size: int) -> dict:
+    """What fixes every tensor's shape: SHAPE_FIELDS (FFN size resolved) and the
+    padded vocabulary."""
+    out = {f: getattr(cfg, f) for f in SHAPE_FIELDS}
+    out["ffn_hidden_size"] = cfg.resolved_ffn_hidden_size()
+    out["padded_vocab_size"] = vocab_size
+    return out
+
+
+def check_same_model(where: str, saved: dict, cfg, vocab_size: int) -> None:
+    """Raise CheckpointError naming every field where ``saved`` (a ``model_shape``)
+    differs from this run's model."""
+    mine = model_shape(cfg, vocab_size)
+    diff = {f: (saved.get(f), v) for f, v in mine.items() if saved.get(f) != v}
+    if diff:
+        raise CheckpointError(
+            f"{where} holds a different model: "
+            + ", ".join(f"{k} saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            + ". Use the same model flags (and tokenizer, for the vocabulary).")
+
+
+def _layout(cfg, vocab_size: int, dp: int) -> dict:
+    out = model_shape(cfg, vocab_size)
+    out.update({f: getattr(cfg, f) for f in LAYOUT_FIELDS if f != "data_parallel_size"})
+    out["data_parallel_size"] = dp
+    return out
+
+
+def data_parallel_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size()
+
+
+def write_meta(directory: str, cfg, vocab_size: int, iteration: int,
+               contents: str = "full") -> None:
+    """Checksums of every file, the layout and the config, into ``META`` (atomically).
+    ``contents``: "full" (a training state) or "model" (weights only, e.g. imported
+    from Hugging Face: loads at any pipeline size with a fresh optimizer)."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, directory)
+            files[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    meta = {"format_version": FORMAT_VERSION, "iteration": iteration,
+            "layout": _layout(cfg, vocab_size, data_parallel_size()), "contents": contents,
+            "config": cfg.to_dict(), "files": files}
+    tmp = os.path.join(directory, META + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(directory, META))
+
+
+# What torch_dist's pickled DCP metadata (``.metadata``) may reference: torch's own
+# checkpoint metadata classes, sizes, dtypes and layouts. Anything else is refused.
+_SAFE_PICKLE_MODULES = ("torch.distributed.checkpoint.metadata",
+                        "torch.distributed.checkpoint.planner",
+                        "torch.distributed.checkpoint.filesystem")
+_SAFE_PICKLE_NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                      ("collections", "OrderedDict")}
+
+
+def check_pickle(path: str) -> None:
+    """Unpickle ``path`` resolving only the allowed globals (see above): a pickle that
+    names any other callable (``os.system``, ``builtins.eval``, ...) is refused before
+    torch's DCP reader (which uses plain ``pickle.load``) ever sees it."""
+    import pickle
+
+    import torch
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module in _SAFE_PICKLE_MODULES or (module, name) in _SAFE_PICKLE_NAMES or \
+                    (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+                return super().find_class(module, name)
+            raise CheckpointError(
+                f"{path} references {module}.{name}: checkpoint metadata may only hold torch's "
+                f"checkpoint classes; refusing to unpickle it (not a megatron-asyncmesh "
+                f"checkpoint, or tampered with).")
+
+    with open(path, "rb") as f:
+        try:
+            Restricted(f).load()
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{path}: unreadable checkpoint metadata ({exc}).") from None
+
+
+def weights_only_bytes() -> None:
+    """torch's DCP load planner (``DefaultLoadPlanner``, which Megatron's
+    ``MCoreLoadPlanner`` and ``load_common_state_dict`` use) reads a checkpoint's
+    non-tensor items (iteration, schedule state, param groups) with
+    ``torch.load(weights_only=False)``; make it ``weights_only=True`` (plain containers,
+    numbers, strings, tensors). Tensors are read weights-only by torch already."""
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    if getattr(DefaultLoadPlanner.load_bytes, "_asyncmesh_weights_only", False):
+        return
+
+    def load_bytes(self, read_item, value) -> None:   # DefaultLoadPlanner's, weights-only
+        import torch
+
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn],
+                        loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+    load_bytes._asyncmesh_weights_only = True
+    patching.replace(DefaultLoadPlanner, "load_bytes", load_bytes, patch=WEIGHTS_ONLY_PATCH)
+
+
+def verify(directory: str, cfg=None,
+           vocab_size: Optional[int] = None, dp: Optional[int] = None,
+           reshard: bool = False) -> dict:
+    """Check a checkpoint before reading a byte of it: complete, not newer than this
+    code, files intact, and (given ``cfg``, the padded vocabulary and DP) the same model
+    shape and layout (``reshard``: any pipeline size; the converter's loads). Raises
+    CheckpointError; returns the metadata."""
+    path = os.path.join(directory, META)
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{directory}: no {META}, so the checkpoint is incomplete (a save was "
+            f"interrupted) or was not written by megatron-asyncmesh; load an earlier one.")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: unreadable metadata ({exc}).") from None
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory}: checkpoint format version {version!r} is newer than this "
+            f"megatron-asyncmesh reads ({FORMAT_VERSION}); upgrade megatron-asyncmesh.")
+    for rel, info in meta["files"].items():
+        file = os.path.join(directory, rel)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{directory}: file {rel} is missing.")
+        size = os.path.getsize(file)
+        if size != info["bytes"]:
+            raise CheckpointError(f"{directory}: file {rel} has {size} bytes, the metadata "
+                                  f"says {info['bytes']} (truncated or overwritten).")
+        if _sha256(file) != info["sha256"]:
+            raise CheckpointError(f"{directory}: file {rel} does not match its checksum "
+                                  f"(corrupted); load an earlier checkpoint.")
+        if os.path.basename(rel) == ".metadata":
+            check_pickle(file)
+    weights_only_bytes()               # every load after this check reads weights-only
+    if cfg is not None:
+        saved, mine = meta["layout"], _layout(cfg, vocab_size, dp)
+        check_same_model(directory, saved, cfg, vocab_size)
+        if meta.get("contents", "full") == "model":
+            return meta                   # weights only: any layout, fresh optimizer
+        pp = saved["pipeline_model_parallel_size"], mine["pipeline_model_parallel_size"]
+        if pp[0] != pp[1] and not reshard:
+            raise CheckpointError(
+                f"{directory} was saved with --pipeline-model-parallel-size {pp[0]}, this "
+                f"run has {pp[1]}: resume with {pp[0]} stages, or reshard it first: "
+                f"python tools/convert_checkpoint.py reshard --input {directory} "
+                f"--output NEW_DIR --pipeline-model-parallel-size {pp[1]}")
+        dp = saved["data_parallel_size"], mine["data_parallel_size"]
+        if mine["dp_averaging"] == "sparse" and saved["dp_averaging"] == "sparse" and \
+                dp[0] != dp[1]:
+            raise CheckpointError(
+                f"{directory} holds {dp[0]} independent replicas (--dp-averaging sparse); "
+                f"this run has {dp[1]}: resume with {dp[0]} data-parallel replicas.")
+    return meta
+

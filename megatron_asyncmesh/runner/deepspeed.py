@@ -1,0 +1,243 @@
+"""The DeepSpeed engine: the same GPT and data on ``deepspeed.initialize`` (ZeRO baselines
+and AsyncMesh for DeepSpeed), one optimizer step per :meth:`DeepSpeedEngineRun.train_step`.
+
+The model is the Megatron-core ``GPTModel`` of the Megatron engine (PP = 1, same
+layout-independent initialisation), the data the same ``GPTDataset`` samples in the same
+order, the optimizer torch's AdamW with Megatron's parameter groups (no weight decay on
+biases and norms) and Megatron's warm-up + cosine schedule. ZeRO is DeepSpeed's own. With
+``--dp-averaging sparse`` the engine gets ``mpu=ReplicaMPU()`` and
+:func:`attach_sparse_averaging` (ZeRO stage 0 or 1). Every collective DeepSpeed issues
+goes through ``deepspeed.comm``, whose comms logger counts the bytes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megatron_asyncmesh.checkpoint.deepspeed import check_zero_resume, save_zero_checkpoint
+from megatron_asyncmesh.dataparallel.config import averaging_config
+from megatron_asyncmesh.dataparallel.deepspeed_hook import ReplicaMPU, attach_sparse_averaging
+from megatron_asyncmesh.model import build_gpt_stage, global_parameter_names, \
+    init_layout_independent
+from megatron_asyncmesh.options import ConfigError
+
+# Collectives ZeRO 1/2/3 and the averager issue. deepspeed 0.19.8's comms logger exits
+# the process on ops its bandwidth table lacks, so only these are profiled.
+LOGGED_OPS = ["all_reduce", "all_reduce_coalesced", "reduce_scatter", "reduce_scatter_tensor",
+              "all_gather", "all_gather_into_tensor", "broadcast", "reduce",
+              "all_to_all_single"]
+
+
+def megatron_lr(cfg, step: int) -> float:
+    """Megatron's OptimizerParamScheduler (linear warm-up from 0, then cosine/linear
+    decay to min_lr) as a function of completed optimizer steps."""
+    warmup, decay = cfg.lr_warmup_iters, cfg.lr_decay_iters or cfg.train_iters
+    if warmup > 0 and step <= warmup:
+        return cfg.lr * step / warmup
+    if cfg.lr_decay_style == "constant":
+        return cfg.lr
+    if step > decay:
+        return cfg.min_lr
+    ratio = (step - warmup) / max(1, decay - warmup)
+    coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0) if cfg.lr_decay_style == "cosine" \
+        else 1.0 - ratio
+    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+
+
+def param_groups(model, weight_decay: float):
+    """Megatron's default: no weight decay on biases and 1-d parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def ds_config(cfg, zero_stage: int, num_microbatches: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": num_microbatches,
+        "gradient_clipping": cfg.clip_grad,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": cfg.bf16},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def comm_bytes() -> dict:
+    """Bytes per collective so far, as deepspeed's comms logger recorded them."""
+    import deepspeed.comm as dscomm
+
+    return {op: sum(size * rec[0] for size, rec in sizes.items())
+            for op, sizes in dscomm.comms_logger.comms_dict.items()}
+
+
+def check_options(cfg, zero_stage: int) -> None:
+    """What the DeepSpeed engine cannot run, refused before any process group exists."""
+    if cfg.pipeline_model_parallel_size != 1:
+        raise ConfigError(
+            f"train_deepspeed runs data parallelism only (--pipeline-model-parallel-size 1, "
+            f"got {cfg.pipeline_model_parallel_size}); pipelines run with "
+            f"megatron_asyncmesh.train.")
+    if cfg.optimizer not in ("adam", "sgd"):
+        raise ConfigError(
+            f"train_deepspeed trains with torch's AdamW (--optimizer adam) or SGD "
+            f"(--optimizer sgd), got --optimizer {cfg.optimizer}; the look-ahead optimizers "
+            f"run with megatron_asyncmesh.train.")
+    if zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {zero_stage}.")
+    sparse = averaging_config(cfg, cfg.seed, cfg.train_iters) is not None
+    if sparse and zero_stage >= 2:
+        raise ConfigError(
+            f"--dp-averaging sparse cannot be combined with --zero-stage {zero_stage}: ZeRO-2 "
+            f"reduce-scatters gradients from backward hooks and keeps a slice of each "
+            f"gradient, ZeRO-3 a slice of each parameter, so there are no independent whole "
+            f"replicas to average. Use --zero-stage 0 or 1.")
+    if (cfg.save or cfg.load) and sparse:
+        raise ConfigError(
+            f"train_deepspeed {'--save' if cfg.save else '--load'} with --dp-averaging sparse: "
+            f"a DeepSpeed checkpoint holds one model for all data-parallel ranks, and sparse "
+            f"replicas differ (each with its own pending averages). Save and resume sparse "
+            f"runs with megatron_asyncmesh.train.")
+
+
+class DeepSpeedEngineRun:
+    """Training on a DeepSpeed engine (``train_deepspeed``): data parallelism with ZeRO
+    stage 0-3, or sparse averaging between one-rank replicas."""
+
+    name = "deepspeed"
+
+    @staticmethod
+    def needs_data() -> bool:
+        return True
+
+    def __init__(self, cfg, dp: int, num_microbatches: int, data, zero_stage: int):
+        import deepspeed
+        import deepspeed.comm as dscomm
+
+        self.cfg, self.dp, self.num_microbatches = cfg, dp, num_microbatches
+        self.zero_stage = zero_stage
+        dscomm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        dscomm.configure(enabled=True, prof_all=False, prof_ops=LOGGED_OPS, verbose=False)
+        acfg = averaging_config(cfg, cfg.seed, cfg.train_iters)
+        model = build_gpt_stage(cfg, data.vocab_size)
+        init_layout_independent(model, cfg)
+        names = global_parameter_names(model)
+        self.model = model
+        # A checkpoint that cannot resume here is refused before the engine is built.
+        self.start_iter = (check_zero_resume(cfg, zero_stage, model.vocab_size, dp)
+                           if cfg.load else 0)
+        if cfg.optimizer == "adam":
+            optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                          betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                          eps=cfg.adam_eps)
+        else:   # Megatron's SGD: L2 weight decay, momentum
+            optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                        momentum=cfg.sgd_momentum)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: megatron_lr(cfg, step) / cfg.lr)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=ds_config(cfg, zero_stage, num_microbatches),
+            mpu=ReplicaMPU() if acfg is not None else None)
+        self.averager = attach_sparse_averaging(self.engine, acfg, names=names) \
+            if acfg else None
+        if cfg.load:
+            # DeepSpeed restores the module, the (ZeRO-partitioned) optimizer state and the
+            # lr scheduler; the data position follows from the iteration.
+            path, client = self.engine.load_checkpoint(cfg.load)
+            if path is None or (client or {}).get("iteration") != self.start_iter:
+                raise ConfigError(f"--load {cfg.load!r}: DeepSpeed could not load iteration "
+                                  f"{self.start_iter} (got {path!r}).")
+        self.device = torch.device("cuda") if torch.cuda.is_available() \
+            else torch.device("cpu")
+        self.asynchronous = False            # no pipeline
+        self.pipeline_schedule = "none"
+        self.synchronous = self.averager is None
+        # Every rank reports the same global norm (one per replica when averaging).
+        self.norm_replicas = dist.get_world_size()
+        self.optimizer_name = f"{cfg.optimizer} (torch, DeepSpeed engine)"
+        self._bytes_after_first = None
+        self._first = True
+
+    def _loss_of(self, batch):
+        d = self.device
+        out = self.engine(batch["tokens"].to(d), batch["position_ids"].to(d), None,
+                          labels=batch["labels"].to(d))
+        mask = batch["loss_mask"].to(d).float()
+        return (out.float() * mask).sum() / mask.sum().clamp(min=1.0), mask.sum()
+
+    def train_step(self, data_iterator, step: int, drain: bool) -> dict:
+        engine = self.engine
+        loss_sum = tokens = 0.0
+        lr = engine.get_lr()[0]
+        sent_before = self.averager.bytes_sent if self.averager else 0
+        for _ in range(self.num_microbatches):
+            loss, n = self._loss_of(next(data_iterator))
+            engine.backward(loss)
+            engine.step()
+            loss_sum += float(loss) * float(n)
+            tokens += float(n)
+        norm = engine.get_global_grad_norm()
+        steady = not self._first
+        if self._first:
+            self._bytes_after_first = sum(comm_bytes().values())
+            self._first = False
+        return {"loss_sum": loss_sum, "tokens": tokens,
+                "grad_norm_sq": None if norm is None else float(norm) ** 2, "lr": lr,
+                "dp_bytes_sent": (self.averager.bytes_sent - sent_before
+                                  if self.averager else 0),
+                "steady": steady}
+
+    @torch.no_grad()
+    def evaluate(self, valid) -> float:
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch in valid or []:
+            loss, n = self._loss_of(batch)
+            total[0] += float(loss) * float(n)
+            total[1] += float(n)
+        self.engine.train()
+        dist.all_reduce(total)
+        s, n = total.tolist()
+        return s / max(n, 1.0)
+
+    def save(self, step: int) -> None:
+        save_zero_checkpoint(self.cfg, self.engine, self.zero_stage, self.model.vocab_size,
+                             step, self.dp)
+
+    def close(self) -> None:
+        if self.averager is not None:
+            self.averager.wait_in_flight()
+
+    def rank_info(self, steps: int) -> dict:
+        by_op = comm_bytes()
+        total = sum(by_op.values())
+        params = sum(p.numel() for p in self.model.parameters())
+        per_step = ((total - self._bytes_after_first) / max(1, steps - 1)
+                    if self._bytes_after_first is not None else None)
+        return {"stage_optimizer": {"optimizer": self.cfg.optimizer, "stage": 0,
+                                    "delay": 0.0},
+                "dp_averaging_stats": (self.averager.stats() if self.averager is not None
+                                       else None),
+                # DeepSpeed's gradient exchange is inside comm_bytes_per_step.
+                "grad_all_reduce_bytes_per_step": None,
+                "comm_bytes_by_op": by_op, "comm_bytes_per_step": per_step,
+                "parameters": params, "replica": dist.get_rank()}
+
+    def pipeline(self) -> dict:
+        """No pipeline: one stage, no delay, utilization not measured."""
+        return {"stage_utilization": {"0": None}, "stage_delay": {"0": {"mean": 0.0,
+                                                                           "max": 0}},
+                "per_rank": [{"rank": r, "stage": 0, "mode": "none"}
+                             for r in range(dist.get_world_size())],
+                "windows": None}
+
+    def plot(self, run_dir: str, pipeline: dict) -> None:
+        return None
