@@ -129,7 +129,7 @@ LAZY_CALL_PATCH = patching.declare(
     when=_WHEN)
 
 
-def _set(owner: Any, name: str, value: Any, label: str, patch: str = CUDA_PATCH) -> None:
+def _set(owner: Any, name: str, value: Any, label: str, patch: str) -> None:
     patching.replace(owner, name, value, patch=patch, label=label)
     _PATCHED.append(label)
 
@@ -305,15 +305,16 @@ def _patch_torch_cuda() -> None:
         "reset_max_memory_allocated": _noop_named("reset_max_memory_allocated"),
     }
     for name, value in simple.items():
-        _set(cuda, name, value, f"torch.cuda.{name}")
+        _set(cuda, name, value, f"torch.cuda.{name}", CUDA_PATCH)
     for name in ("get_rng_state", "set_rng_state", "manual_seed", "manual_seed_all",
                  "seed", "seed_all", "initial_seed", "get_rng_state_all",
                  "set_rng_state_all"):
-        _set(cuda.random, name, simple[name], f"torch.cuda.random.{name}")
-    _set(cuda.nvtx, "range_push", _noop_named("range_push"), "torch.cuda.nvtx.range_push")
-    _set(cuda.nvtx, "range_pop", _noop_named("range_pop"), "torch.cuda.nvtx.range_pop")
+        _set(cuda.random, name, simple[name], f"torch.cuda.random.{name}", CUDA_PATCH)
+    _set(cuda.nvtx, "range_push", _noop_named("range_push"), "torch.cuda.nvtx.range_push",
+         CUDA_PATCH)
+    _set(cuda.nvtx, "range_pop", _noop_named("range_pop"), "torch.cuda.nvtx.range_pop", CUDA_PATCH)
     _set(cuda.nvtx, "range", lambda *a, **k: contextlib.nullcontext(),
-         "torch.cuda.nvtx.range")
+         "torch.cuda.nvtx.range", CUDA_PATCH)
 
 
 def _patch_tensors_and_modules() -> None:

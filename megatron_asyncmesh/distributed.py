@@ -9,7 +9,7 @@ Launchers and how a rank learns its place:
   through ``deepspeed.init_distributed(auto_mpi_discovery=True)`` (mpi4py).
 - ``srun`` (one task per rank) sets ``SLURM_PROCID``/``SLURM_NTASKS``; with
   ``MASTER_ADDR`` exported by the batch script they become the env:// variables.
-- a plain ``python -m megatron_asyncmesh.train`` is a world of one.
+- a plain ``asyncmesh-train`` (no launcher) is a world of one.
 
 gloo is the backend on CPU, NCCL on GPU. Collectives time out (default
 300 s, ``ASYNCMESH_DIST_TIMEOUT``) so a rank that dies cannot hang the rest
@@ -82,7 +82,7 @@ def init_distributed() -> str:
                                    timeout=timeout)
     else:
         if kind == "slurm":
-            # One task per rank (`srun python -m megatron_asyncmesh.train`); the
+            # One task per rank (`srun asyncmesh-train ...`); the
             # batch script exports MASTER_ADDR/MASTER_PORT (launch/slurm.sbatch).
             os.environ.update(RANK=os.environ["SLURM_PROCID"],
                               WORLD_SIZE=os.environ["SLURM_NTASKS"],

@@ -170,8 +170,12 @@ def main(argv=None) -> int:
     parser.add_argument("--write", action="store_true",
                         help="rewrite the generated section of patches/README.md")
     args = parser.parse_args(argv)
-    import_all()
-    table = inventory()
+    # Run as ``python -m``, this file is ``__main__``; the declarations are made in the
+    # package's own module.
+    import megatron_asyncmesh.patching as registry
+
+    registry.import_all()
+    table = registry.inventory()
     if not args.write:
         print(table)
         return 0
@@ -184,7 +188,7 @@ def main(argv=None) -> int:
     with open(README + ".tmp", "w") as f:
         f.write(text)
     os.replace(README + ".tmp", README)
-    print(f"wrote {README} ({len(_DECLARED)} patches)")
+    print(f"wrote {README} ({len(registry.declared())} patches)")
     return 0
 
 

@@ -207,7 +207,7 @@ DENSE = ["--dp-averaging", "sparse", "--dp-fraction", "1", "--dp-delay", "0",
 def _losses(run_dir):
     train_rows, val_rows = read_metrics(run_dir)
     return ([r["loss"] for r in train_rows], [r["val_loss"] for r in val_rows],
-            read_summary(run_dir))
+            read_summary(run_dir), run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +271,19 @@ def test_zero3_baseline_is_megatron_data_parallel(tmp_path, data_args, megatron_
     _close(megatron_sync, resumed)          # one metrics file: steps 1-3, then 4-6
     s = resumed[2]
     assert s["start_iteration"] == 3 and saved_steps(ckpt) == [6]   # keep-last: step 3 gone
+    # One schema for both engines: summary.json's keys, and the keys of every kind of
+    # metrics.jsonl line (training, evaluation, checkpoint).
+    from megatron_asyncmesh.metrics import CHECKPOINT_KEYS, EVAL_KEYS, SUMMARY_KEYS, TRAIN_KEYS
+
+    def line_kinds(run_dir):
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            return {frozenset(json.loads(line)) for line in f}
+
+    schemas = {frozenset(TRAIN_KEYS), frozenset(EVAL_KEYS), frozenset(CHECKPOINT_KEYS)}
+    assert line_kinds(resumed[3]) == schemas
+    assert line_kinds(megatron_sync[3]) == schemas - {frozenset(CHECKPOINT_KEYS)}
+    assert set(s) == set(megatron_sync[2]) == set(SUMMARY_KEYS)
+    assert (s["engine"], megatron_sync[2]["engine"]) == ("deepspeed", "megatron")
     ops, params = s["per_rank"][0]["comm_bytes_by_op"], s["parameters"]
     assert ops["reduce_scatter_tensor"] >= 3 * 4 * params * 0.99     # every step's gradients
 

@@ -43,7 +43,7 @@ from megatron_asyncmesh.config import TrainConfig, config_from_dict
 from megatron_asyncmesh.model import build_gpt_stage
 from megatron_asyncmesh.options import ConfigError
 from megatron_asyncmesh.pipeline.executor import AsyncPipelineSchedule
-from megatron_asyncmesh.runner.megatron import build_stage
+from megatron_asyncmesh.stage import build_stage
 
 HF_TOKENIZER = "tokenizer.model"
 
@@ -311,7 +311,7 @@ def export_zero(checkpoint: str, output: str, overwrite: bool = False, log=print
     config_path = os.path.join(checkpoint, DS_CONFIG)
     if not os.path.isfile(config_path):
         raise ConfigError(f"{checkpoint!r}: no {DS_CONFIG}; pass the --save directory of "
-                          f"megatron_asyncmesh.train_deepspeed.")
+                          f"a train_deepspeed run.")
     with open(config_path) as f:
         saved = json.load(f)
     cfg = config_from_dict(saved["config"])
@@ -364,7 +364,8 @@ def reshard(checkpoint: str, output: str, pipeline_size: int, drop_async_state: 
                "drop_async_state": drop_async_state}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                str(pipeline_size), "--master_addr", "127.0.0.1", "--master_port",
-               str(mdist.free_port()), "-m", "megatron_asyncmesh.checkpoint.convert", json.dumps(job)]
+               str(mdist.free_port()), "-m", "megatron_asyncmesh.checkpoint.convert",
+               json.dumps(job)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             lines = (proc.stdout + proc.stderr).splitlines()

@@ -56,7 +56,7 @@ def check_zero_resume(cfg, zero_stage: int, padded_vocab: int, dp: int) -> int:
         raise ConfigError(
             f"--load {cfg.load!r}: no {DS_CONFIG} and DeepSpeed 'latest' file there, so it is "
             f"not a complete train_deepspeed --save directory (checkpoints of "
-            f"megatron_asyncmesh.train resume with megatron_asyncmesh.train).")
+            f"asyncmesh-train resume with asyncmesh-train).")
     with open(config_path) as f:
         saved = json.load(f)
     with open(latest) as f:

@@ -84,12 +84,12 @@ def check_options(cfg, zero_stage: int) -> None:
         raise ConfigError(
             f"train_deepspeed runs data parallelism only (--pipeline-model-parallel-size 1, "
             f"got {cfg.pipeline_model_parallel_size}); pipelines run with "
-            f"megatron_asyncmesh.train.")
+            f"asyncmesh-train.")
     if cfg.optimizer not in ("adam", "sgd"):
         raise ConfigError(
             f"train_deepspeed trains with torch's AdamW (--optimizer adam) or SGD "
             f"(--optimizer sgd), got --optimizer {cfg.optimizer}; the look-ahead optimizers "
-            f"run with megatron_asyncmesh.train.")
+            f"run with asyncmesh-train.")
     if zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {zero_stage}.")
     sparse = averaging_config(cfg, cfg.seed, cfg.train_iters) is not None
@@ -104,7 +104,7 @@ def check_options(cfg, zero_stage: int) -> None:
             f"train_deepspeed {'--save' if cfg.save else '--load'} with --dp-averaging sparse: "
             f"a DeepSpeed checkpoint holds one model for all data-parallel ranks, and sparse "
             f"replicas differ (each with its own pending averages). Save and resume sparse "
-            f"runs with megatron_asyncmesh.train.")
+            f"runs with asyncmesh-train.")
 
 
 class DeepSpeedEngineRun:

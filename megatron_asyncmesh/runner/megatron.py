@@ -19,13 +19,11 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_asyncmesh import optim
 from megatron_asyncmesh.checkpoint import state as ckpt
-from megatron_asyncmesh.dataparallel.megatron import build_averager, wrap_ddp
-from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent
 from megatron_asyncmesh.pipeline import install
 from megatron_asyncmesh.pipeline.simulate import plot_timeline
 from megatron_asyncmesh.pipeline.timeline import Timeline
+from megatron_asyncmesh.stage import build_stage
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -182,39 +180,6 @@ class Trainer:
         self.model.train()
         return global_mean_loss(losses)
 
-
-def build_stage(cfg, vocab_size: int, num_microbatches: int):
-    """This rank's stage as training runs it: the GPT stage in Megatron's DDP, the
-    optimizer (with its stage-local / error-feedback wrappers), the LR schedule and
-    the sparse averager (or None). Also used by the checkpoint converter."""
-    from megatron.core import parallel_state
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-
-    model = build_gpt_stage(cfg, vocab_size)
-    init_layout_independent(model, cfg)
-    model = wrap_ddp(cfg, model)
-    model.config.finalize_model_grads_func = finalize_model_grads
-    model.config.no_sync_func = model.no_sync
-    stage = parallel_state.get_pipeline_model_parallel_rank()
-    gb = cfg.global_batch_size
-    optimizer, opt_info = optim.build_optimizer(
-        cfg, model, stage, cfg.pipeline_model_parallel_size, num_microbatches)
-    asynchronous = cfg.pipeline_schedule != "flush"
-    if asynchronous:
-        # Grad-norm / inf checks stay inside the stage: no collective across stages.
-        optim.make_optimizer_stage_local(optimizer)
-    optimizer = optim.wrap_error_feedback(optimizer, model, cfg, opt_info)
-    averager = build_averager(cfg, model, optimizer)
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
-        lr_warmup_steps=cfg.lr_warmup_iters * gb,
-        lr_decay_steps=(cfg.lr_decay_iters or cfg.train_iters) * gb,
-        lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
-        wd_incr_steps=cfg.train_iters * gb, wd_incr_style="constant")
-    scheduler = optim.wrap_scheduler(scheduler, optimizer, cfg, opt_info)
-    return model, optimizer, opt_info, scheduler, averager
 
 class MegatronEngine:
     """Training on Megatron-core (``asyncmesh-train``): this rank's pipeline stage, with
