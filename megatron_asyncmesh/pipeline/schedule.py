@@ -3,7 +3,7 @@
 A schedule is a pure function of (pipeline size P, stage k, microbatches per
 optimizer step M, mode). Nothing here touches a process group, so every
 (P, M, mode) can be validated and simulated in one process (``simulate.py``)
-and the runtime (``runtime.py``) only executes what this module decided.
+and the executor (``executor.py``) only executes what this module decided.
 
 Actions (``str(action)`` in brackets, as in torch.distributed.pipelining)::
 
