@@ -3,7 +3,7 @@
 Only global rank 0 writes. Both engines write the same schema. ``metrics.jsonl`` has one
 JSON object per line: training lines (:data:`TRAIN_KEYS`), evaluation lines
 (:data:`EVAL_KEYS`) and checkpoint lines (:data:`CHECKPOINT_KEYS`); ``summary.json``
-holds exactly :data:`SUMMARY_KEYS` (``runner/loop.py`` builds it).
+holds exactly :data:`SUMMARY_KEYS` (the run skeleton builds it).
 """
 
 from __future__ import annotations

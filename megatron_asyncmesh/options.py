@@ -3,7 +3,7 @@ its Megatron-LM flag name, help text, group and choices) and ConfigError.
 
 A component declares its options in a small dataclass where it lives
 (``model.ModelConfig``, ``pipeline.config.ScheduleConfig``, ``optim.config.OptimizerConfig``,
-...) and validates them there; ``TrainConfig`` (``config.py``) composes
+...) and validates them there; the run's ``TrainConfig`` composes
 them into the flat set of flags and YAML keys (``num_layers`` -> ``--num-layers``).
 """
 

@@ -5,15 +5,14 @@ A module that patches declares each patch once, at import time, with :func:`decl
 (what is replaced, by what, why, when, and the version it was verified against), and
 makes it only through :func:`replace` / :func:`replaced` / :func:`replace_item`, which
 refuse an undeclared patch. :func:`inventory` renders the declarations as the table of
-``patches/README.md``; ``python -m megatron_asyncmesh.patching --write`` regenerates it
-and ``tests/test_patches.py`` fails when the README, the declarations or the code
+``patches/README.md``; ``python tools/patch_inventory.py --write`` regenerates it
+and the suite fails when the README, the declarations or the code
 disagree (a direct ``setattr`` on a foreign module or class anywhere else in the package
 fails it too). :func:`applied` lists what is replaced right now.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -26,7 +25,7 @@ VERIFIED = {"torch": "2.13.0", "megatron-core": "0.19.2", "deepspeed": "0.19.8",
 # Packages whose attributes only this module may replace.
 FOREIGN = ("torch", "megatron", "deepspeed", "emerging_optimizers", "transformers")
 
-BEGIN, END = "<!-- BEGIN generated: python -m megatron_asyncmesh.patching --write -->", \
+BEGIN, END = "<!-- BEGIN generated: python tools/patch_inventory.py --write -->", \
     "<!-- END generated -->"
 
 
@@ -65,7 +64,7 @@ def _check(patch: str) -> None:
     if patch not in _DECLARED:
         raise PatchError(f"undeclared patch {patch!r}: declare() it (with what it replaces "
                          f"and why) in the module that applies it, then regenerate "
-                         f"patches/README.md (python -m megatron_asyncmesh.patching --write).")
+                         f"patches/README.md (python tools/patch_inventory.py --write).")
 
 
 def _label(owner: Any, attr: str) -> str:
@@ -127,9 +126,9 @@ def import_all() -> None:
     import importlib
     import pkgutil
 
-    import megatron_asyncmesh
-
-    for info in pkgutil.walk_packages(megatron_asyncmesh.__path__, "megatron_asyncmesh."):
+    package = __name__.rpartition(".")[0] or "megatron_asyncmesh"
+    for info in pkgutil.walk_packages([os.path.dirname(os.path.abspath(__file__))],
+                                      package + "."):
         importlib.import_module(info.name)
 
 
@@ -164,33 +163,17 @@ def readme_section(path: str = README) -> str:
     return text[text.index(BEGIN):text.index(END) + len(END)]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_asyncmesh.patching",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", action="store_true",
-                        help="rewrite the generated section of patches/README.md")
-    args = parser.parse_args(argv)
-    # Run as ``python -m``, this file is ``__main__``; the declarations are made in the
-    # package's own module.
-    import megatron_asyncmesh.patching as registry
-
-    registry.import_all()
-    table = registry.inventory()
-    if not args.write:
-        print(table)
-        return 0
-    with open(README) as f:
+def write_readme(path: str = README) -> int:
+    """Rewrite the generated section of patches/README.md; returns the patch count."""
+    import_all()
+    table = inventory()
+    with open(path) as f:
         text = f.read()
     if BEGIN in text and END in text:
         text = text[:text.index(BEGIN)] + table + text[text.index(END) + len(END):]
     else:
         text = text.rstrip("\n") + "\n\n" + table + "\n"
-    with open(README + ".tmp", "w") as f:
+    with open(path + ".tmp", "w") as f:
         f.write(text)
-    os.replace(README + ".tmp", README)
-    print(f"wrote {README} ({len(registry.declared())} patches)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    os.replace(path + ".tmp", path)
+    return len(_DECLARED)

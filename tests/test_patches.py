@@ -14,13 +14,13 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_readme_inventory_is_the_declarations():
     """patches/README.md's inventory is exactly what the code declares (regenerate with
-    ``python -m megatron_asyncmesh.patching --write``), and every declared patch is
+    ``python tools/patch_inventory.py --write``), and every declared patch is
     applied somewhere through patching.replace / replaced / replace_item / restore."""
     patching.import_all()
     declared = patching.declared()
     assert len(declared) >= 10
     assert patching.readme_section() == patching.inventory(), \
-        "patches/README.md is stale: run python -m megatron_asyncmesh.patching --write"
+        "patches/README.md is stale: run python tools/patch_inventory.py --write"
     declared_as, applied_with = {}, set()
     for root, _, files in os.walk(PACKAGE):
         for f in files:

@@ -5,7 +5,7 @@
     optimizer = get_megatron_optimizer(...)
     megatron_asyncmesh.make_optimizer_stage_local(optimizer)
 
-(``make_optimizer_stage_local`` is in ``optim/stage_local.py``.)
+(``make_optimizer_stage_local`` lives with the optimizers.)
 After ``patch``, ``megatron.core.pipeline_parallel.get_forward_backward_func()``
 returns the ``AsyncPipelineSchedule`` (it reads the module globals
 ``forward_backward_pipelining_without_interleaving`` and
