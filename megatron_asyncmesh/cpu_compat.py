@@ -174,6 +174,21 @@ def _tensor_type(original: Callable) -> Callable:
     return type_
 
 
+_SYNCS = [0]     # device synchronisations asked for (torch.cuda / stream / event)
+
+
+def device_synchronizations():
+    """How many device synchronisations (``torch.cuda.synchronize``, a stream's or an
+    event's ``synchronize``) the code asked for so far, or None where this layer is
+    inactive (on a GPU they are real). A no-op here, but on a GPU each one waits for the
+    device, every stream included: the count shows what a run would block on there."""
+    return _SYNCS[0] if _ACTIVE else None
+
+
+def _count_sync(*args, **kwargs):
+    _SYNCS[0] += 1
+
+
 class _InertEvent:
     """Stands in for ``torch.cuda.Event``: CPU work is already ordered."""
 
@@ -187,7 +202,7 @@ class _InertEvent:
         return None
 
     def synchronize(self):
-        return None
+        _count_sync()
 
     def query(self):
         return True
@@ -212,7 +227,7 @@ class _InertStream:
         return event if event is not None else _InertEvent()
 
     def synchronize(self):
-        return None
+        _count_sync()
 
     def query(self):
         return True
@@ -249,6 +264,10 @@ def _noop_named(name: str) -> Callable:
     return noop
 
 
+def _counting_synchronize(device=None) -> None:
+    _count_sync()
+
+
 def _patch_torch_cuda() -> None:
     global _FAKE_CUDA_GENERATOR
     cuda = torch.cuda
@@ -274,7 +293,7 @@ def _patch_torch_cuda() -> None:
     simple: Dict[str, Any] = {
         "current_device": lambda: 0,
         "set_device": _noop_named("set_device"),
-        "synchronize": _noop_named("synchronize"),
+        "synchronize": _counting_synchronize,
         "empty_cache": _noop_named("empty_cache"),
         "Stream": _InertStream,
         "Event": _InertEvent,

@@ -37,9 +37,17 @@ class ParallelConfig:
     tensor_model_parallel_size: int = option(1, "tensor parallel size (1 on CPU)", "parallel")
     use_distributed_optimizer: bool = option(False, "shard optimizer state over DP (ZeRO-1)",
                                              "parallel")
+    distributed_timeout_minutes: Optional[float] = option(
+        None, "timeout of every collective, so a lost rank ends the job (default: "
+        "$ASYNCMESH_DIST_TIMEOUT seconds, else 5 minutes; raise it for large checkpoints)",
+        "parallel")
 
     def validate_parallel(self) -> None:
         check_positive(self, ("pipeline_model_parallel_size", "tensor_model_parallel_size"))
+        if self.distributed_timeout_minutes is not None and \
+                not self.distributed_timeout_minutes > 0:
+            raise ConfigError(f"--distributed-timeout-minutes must be > 0, got "
+                              f"{self.distributed_timeout_minutes}.")
         if self.tensor_model_parallel_size != 1:
             raise ConfigError(
                 f"--tensor-model-parallel-size {self.tensor_model_parallel_size} is not "
@@ -66,12 +74,15 @@ def detect_launcher() -> str:
     return "single"
 
 
-def init_distributed() -> str:
-    """Create the default process group; returns the launcher kind seen."""
+def init_distributed(timeout_minutes: Optional[float] = None) -> str:
+    """Create the default process group; returns the launcher kind seen.
+    ``timeout_minutes`` (``--distributed-timeout-minutes``) bounds every collective."""
     if dist.is_initialized():
         return "existing"
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    timeout = datetime.timedelta(seconds=float(os.environ.get("ASYNCMESH_DIST_TIMEOUT", 300)))
+    seconds = (60.0 * timeout_minutes if timeout_minutes is not None
+               else float(os.environ.get("ASYNCMESH_DIST_TIMEOUT", 300)))
+    timeout = datetime.timedelta(seconds=seconds)
     kind = detect_launcher()
     if kind == "mpi":
         import deepspeed

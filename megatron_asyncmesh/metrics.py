@@ -17,10 +17,11 @@ from typing import Any, Dict, Optional
 
 TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "step_time_s", "tokens_per_s",
               "dp_bytes_sent")
-EVAL_KEYS = ("step", "val_loss", "val_ppl")
+EVAL_KEYS = ("step", "val_loss", "val_ppl", "consensus_val_loss", "consensus_bytes")
 CHECKPOINT_KEYS = ("step", "checkpoint_save_s", "drain_step_s")
 SUMMARY_KEYS = (
-    "engine", "zero_stage", "final_val_loss", "final_train_loss", "val_loss_history",
+    "engine", "zero_stage", "final_val_loss", "consensus_val_loss", "final_average_bytes",
+    "final_train_loss", "val_loss_history",
     "tokens_per_s", "steady_tokens_per_s", "train_iters", "start_iteration", "peak_rss_mb",
     "pipeline_model_parallel_size", "data_parallel_size", "num_microbatches",
     "pipeline_schedule", "stage_utilization", "stage_delay", "optimizer", "stage_optimizer",

@@ -81,10 +81,70 @@ def resolve_transformer_impl(cfg) -> str:
     return cfg.transformer_impl
 
 
-def transformer_config(cfg):
+def unwrap_model(model):
+    """The GPTModel inside Megatron's wrappers (``DistributedDataParallel``,
+    ``Float16Module``)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def mixed_precision(model, cfg):
+    """``--bf16`` the way Megatron-LM does it: the stage inside Megatron's
+    ``Float16Module`` (every parameter, the norms included, and every activation in
+    bf16; inputs cast on the first stage, the loss back to fp32 on the last). The
+    optimizer keeps fp32 main parameters (``Float16OptimizerWithFloat16Params`` or the
+    distributed optimizer). Unchanged without ``--bf16``."""
+    if not cfg.bf16:
+        return model
+    from megatron.core.transformer.module import Float16Module
+
+    return Float16Module(model.config, model)
+
+
+# Megatron's optional compiled kernels, by the module that provides each.
+_KERNEL_MODULES = {
+    "apex_fast_layer_norm": "fast_layer_norm",                    # apex contrib
+    "masked_softmax": "scaled_upper_triang_masked_softmax_cuda",  # Megatron's fused kernels
+    "masked_softmax_padding": "scaled_masked_softmax_cuda",
+    "transformer_engine": "transformer_engine",
+}
+
+
+def fused_kernels() -> dict:
+    """Which optional fused kernels this process can import (none on a CPU)."""
+    return {name: torch.cuda.is_available() and importlib.util.find_spec(mod) is not None
+            for name, mod in _KERNEL_MODULES.items()}
+
+
+def fusion_options(on_gpu: bool, kernels: dict, transformer_impl: str, swiglu: bool) -> dict:
+    """Megatron's fusion flags, each on only where its kernel exists: the jit-scripted
+    bias + GeLU / bias + dropout + add on any GPU; the persistent LayerNorm with apex's
+    kernel (Megatron's local spec refuses it on torch's LayerNorm, which it uses without
+    apex); the masked softmax with Megatron's compiled kernels or under Transformer
+    Engine (which brings its own); gradient-accumulation fusion off (it needs apex's or
+    TE's wgrad kernels writing into ``main_grad`` behind the weight-version swap)."""
+    te = transformer_impl == "transformer_engine"
+    return dict(
+        bias_activation_fusion=on_gpu and not swiglu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu and (te or (kernels.get("masked_softmax", False)
+                                                 and kernels.get("masked_softmax_padding",
+                                                                 False))),
+        persist_layer_norm=on_gpu and not te and kernels.get("apex_fast_layer_norm", False),
+        gradient_accumulation_fusion=False,
+    )
+
+
+def transformer_config(cfg, on_gpu: Optional[bool] = None, kernels: Optional[dict] = None,
+                       transformer_impl: Optional[str] = None):
+    """Megatron's TransformerConfig for ``cfg``. ``on_gpu`` / ``kernels`` /
+    ``transformer_impl`` default to this machine's; a test passes a CUDA machine's."""
     from megatron.core.transformer import TransformerConfig
 
-    on_gpu = torch.cuda.is_available()
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    kernels = fused_kernels() if kernels is None else kernels
+    impl = transformer_impl or resolve_transformer_impl(cfg)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     return TransformerConfig(
         num_layers=cfg.num_layers,
@@ -108,14 +168,13 @@ def transformer_config(cfg):
         # Initialise on the CPU with one generator so every layout (PP = 1, 2, ...)
         # draws identical weights for the same seed.
         use_cpu_initialization=True,
-        # Fused kernels exist only on the GPU.
-        bias_activation_fusion=on_gpu and not cfg.swiglu,
-        bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
-        persist_layer_norm=on_gpu,
+        **fusion_options(on_gpu, kernels, impl, cfg.swiglu),
         apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=True,
+        # Megatron's batched p2p calls torch.cuda.synchronize() after every call (for
+        # old PyTorch); that waits for every stream, the sparse averager's all-reduce
+        # included. Kept for Megatron's own schedule, off for the asynchronous ones.
+        batch_p2p_sync=cfg.pipeline_schedule == "flush",
     )
 
 

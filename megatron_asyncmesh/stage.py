@@ -5,9 +5,10 @@ Megatron engine trains it; the checkpoint converter loads checkpoints into it.""
 
 from __future__ import annotations
 
-from megatron_asyncmesh import optim
+from megatron_asyncmesh.optim import builder as optim
+from megatron_asyncmesh.optim.stage_local import make_optimizer_stage_local
 from megatron_asyncmesh.dataparallel.megatron import build_averager, wrap_ddp
-from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent
+from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent, mixed_precision
 
 
 def build_stage(cfg, vocab_size: int, num_microbatches: int):
@@ -20,7 +21,7 @@ def build_stage(cfg, vocab_size: int, num_microbatches: int):
 
     model = build_gpt_stage(cfg, vocab_size)
     init_layout_independent(model, cfg)
-    model = wrap_ddp(cfg, model)
+    model = wrap_ddp(cfg, mixed_precision(model, cfg))
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = model.no_sync
     stage = parallel_state.get_pipeline_model_parallel_rank()
@@ -30,7 +31,7 @@ def build_stage(cfg, vocab_size: int, num_microbatches: int):
     asynchronous = cfg.pipeline_schedule != "flush"
     if asynchronous:
         # Grad-norm / inf checks stay inside the stage: no collective across stages.
-        optim.make_optimizer_stage_local(optimizer)
+        make_optimizer_stage_local(optimizer)
     optimizer = optim.wrap_error_feedback(optimizer, model, cfg, opt_info)
     averager = build_averager(cfg, model, optimizer)
     scheduler = OptimizerParamScheduler(

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     from megatron.core import parallel_state
 
     from megatron_asyncmesh import distributed as mdist
-    from megatron_asyncmesh import optim
+    from megatron_asyncmesh.optim import builder as optim
     from megatron_asyncmesh.dataparallel.megatron import wrap_ddp
     from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent
 
@@ -158,7 +158,7 @@ def ef_resume(cfg, ckpt_dir: str, out: str) -> int:
     optimizer loaded after 2 steps continue exactly like 4 steps straight."""
     from megatron.core import dist_checkpointing, parallel_state
 
-    from megatron_asyncmesh import optim
+    from megatron_asyncmesh.optim import builder as optim
     from megatron_asyncmesh.dataparallel.megatron import wrap_ddp
     from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent
     from megatron_asyncmesh.optim.feedback import DelayErrorFeedback

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.harness import TINY, launch, read_metrics, read_summary, train
+from tests.harness import TINY, evaluate, launch, read_metrics, read_summary, train
 
 COMMON = ["--train-iters", "8", "--lr-warmup-iters", "2", "--eval-interval", "100",
           "--eval-iters", "1", "--pipeline-model-parallel-size", "2"]
@@ -83,6 +83,17 @@ def test_resume_matches_straight_run(tmp_path, data_args, opt_args, expect):
         stats = s["dp_averaging_stats"]
         assert all(a["steps"] == 8 and a["replicas"] == 2 and a["bytes_sent"] > 0
                    for a in stats)
+        # One model: every evaluation also evaluates the replicas' mean, and the run ends
+        # by averaging the replicas (--dp-final-average), so the last checkpoint's
+        # replicas are that model, whose loss the run reported.
+        assert all(v["consensus_val_loss"] is not None and v["consensus_bytes"] > 0
+                   for v in read_metrics(first)[1])
+        assert s["final_average_bytes"] > 0
+        last = os.path.join(ckpt, "iter_0000008")
+        one = evaluate("--checkpoint", last, "--replica", "1")["val_loss"]
+        mean = evaluate("--checkpoint", last, "--replica", "mean")["val_loss"]
+        assert one == pytest.approx(mean, abs=1e-6)
+        assert mean == pytest.approx(s["consensus_val_loss"], abs=1e-4)
     assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "8"
     assert sorted(os.listdir(ckpt)) == ["iter_0000004", "iter_0000008",
                                         "latest_checkpointed_iteration.txt"]

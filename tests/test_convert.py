@@ -219,3 +219,77 @@ def test_checkpoint_loading_never_unpickles_code(tmp_path, llama_run):
     evil.seek(0)
     with pytest.raises(pickle.UnpicklingError):
         planner.load_bytes(Item, evil)
+
+
+MAKE_TE = r"""
+import json, os, sys
+import megatron_asyncmesh
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+from megatron.core.dist_checkpointing.mapping import ShardedBase
+from megatron_asyncmesh.checkpoint import convert, hf
+from megatron_asyncmesh.checkpoint.integrity import META, write_meta
+
+src, out = sys.argv[1], sys.argv[2]
+directory, meta, cfg = convert.read_checkpoint(src)
+padded = meta["layout"]["padded_vocab_size"]
+it = os.path.join(out, "iter_0000006")
+with convert.single_process(cfg) as cfg1:
+    model = convert.build_model(cfg1, padded)
+    convert.load_model(directory, meta, model)
+    sharded = model.sharded_state_dict()
+
+    def te(value):
+        if isinstance(value, ShardedBase):
+            value.key = hf.local_to_te_name(value.key)
+        return value
+
+    dict_list_map_inplace(te, sharded)
+    os.makedirs(it)
+    dist_checkpointing.save(sharded, it)
+    write_meta(it, cfg1, padded, 6, contents="model")
+with open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w") as f:
+    f.write("6")
+with open(os.path.join(it, META)) as f:
+    m = json.load(f)
+m["layout"]["transformer_impl"] = "transformer_engine"      # what a TE run seals
+with open(os.path.join(it, META), "w") as f:
+    json.dump(m, f)
+print("ok")
+"""
+
+
+def test_transformer_engine_names_convert_and_are_sealed(tmp_path, llama_run):
+    """A checkpoint whose norms carry Transformer Engine's names (the norms fused into
+    the next linear layer: ``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_
+    weight``) and whose seal says so exports to the same Hugging Face model as the
+    local-spec original; a run building the other layer spec is refused with the
+    reason before anything is read."""
+    from safetensors.torch import load_file
+
+    from megatron_asyncmesh.checkpoint import convert
+    from megatron_asyncmesh.checkpoint.hf import local_to_te_name, te_to_local_name
+    from megatron_asyncmesh.checkpoint.integrity import CheckpointError, verify
+
+    name = "decoder.layers.input_layernorm.weight"
+    te_name = "decoder.layers.self_attention.linear_qkv.layer_norm_weight"
+    assert local_to_te_name(name) == te_name
+    assert te_to_local_name(local_to_te_name(name)) == name
+    assert local_to_te_name("decoder.final_layernorm.weight") == \
+        "decoder.final_layernorm.weight"
+    te = str(tmp_path / "te")
+    proc = subprocess.run([sys.executable, "-c", MAKE_TE, llama_run["pp2"], te],
+                          capture_output=True, text=True, env=env_for_ranks(), cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf_te, hf_local = str(tmp_path / "hf_te"), str(tmp_path / "hf_local")
+    tool("convert_checkpoint.py", "hf-export", "--input", te, "--output", hf_te)
+    tool("convert_checkpoint.py", "hf-export", "--input", llama_run["pp2"], "--output",
+         hf_local)
+    a = load_file(os.path.join(hf_te, "model.safetensors"))
+    b = load_file(os.path.join(hf_local, "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(a[k].equal(b[k]) for k in a)
+    assert any("layernorm" in k for k in a)
+    directory, meta, cfg = convert.read_checkpoint(te)
+    with pytest.raises(CheckpointError, match="--transformer-impl transformer_engine"):
+        verify(directory, cfg, meta["layout"]["padded_vocab_size"], 1)

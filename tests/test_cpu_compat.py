@@ -95,7 +95,9 @@ def test_gpu_machine_leaves_torch_alone():
 
 def test_causal_attention_without_explicit_mask():
     """The local layer spec with attention_mask=None must still be causal:
-    changing a future token cannot change the logits of earlier positions."""
+    changing a future token cannot change the logits of earlier positions. In the same
+    process: the configuration of a CUDA machine without Transformer Engine or apex
+    builds (bf16 model in Float16Module, DDP, Megatron's mixed-precision optimizer)."""
     code = textwrap.dedent("""
         import torch, torch.distributed as dist
         import megatron_asyncmesh
@@ -112,13 +114,46 @@ def test_causal_attention_without_explicit_mask():
         b = model(tokens, pos, None)
         assert torch.equal(a[:, :10], b[:, :10]), "future token leaked into the past"
         assert not torch.equal(a[:, 10:], b[:, 10:])
-        mdist.shutdown()
         print("causal")
+
+        # The model and optimizer configuration of a CUDA machine built from
+        # requirements.txt (no Transformer Engine, no apex, no compiled softmax): every
+        # fusion flag is one whose kernel exists there, and the model builds.
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron_asyncmesh.dataparallel.megatron import wrap_ddp
+        from megatron_asyncmesh.model import layer_spec, mixed_precision, transformer_config
+        gpu = TrainConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+                          bf16=True, transformer_impl="local")
+        tc = transformer_config(gpu, on_gpu=True, kernels={}, transformer_impl="local")
+        assert tc.bias_dropout_fusion and tc.bias_activation_fusion
+        assert not (tc.persist_layer_norm or tc.masked_softmax_fusion
+                    or tc.gradient_accumulation_fusion)
+        gpt = GPTModel(config=tc, transformer_layer_spec=layer_spec(gpu), vocab_size=256,
+                       max_sequence_length=16)
+        ddp = wrap_ddp(gpu, mixed_precision(gpt, gpu))
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True,
+                                                     params_dtype=torch.bfloat16), [ddp])
+        from megatron_asyncmesh.optim.main_params import leaf_optimizers
+        leaves = [type(o).__name__ for o in leaf_optimizers(opt)]
+        assert leaves == ["Float16OptimizerWithFloat16Params"], leaves
+        # What the configuration used to be (persist_layer_norm whenever CUDA is there)
+        # is what such a machine refused.
+        tc.persist_layer_norm = True
+        try:
+            GPTModel(config=tc, transformer_layer_spec=layer_spec(gpu), vocab_size=256,
+                     max_sequence_length=16)
+        except AssertionError as exc:
+            assert "persist_layer_norm" in str(exc), repr(exc)
+        else:
+            raise AssertionError("torch's LayerNorm accepted persist_layer_norm")
+        mdist.shutdown()
+        print("cuda configuration builds")
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env_for_ranks(), cwd=REPO, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "causal" in out.stdout
+    assert "causal" in out.stdout and "cuda configuration builds" in out.stdout
 
 
 def test_uneven_all_gather_on_gloo(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_asyncmesh.dataparallel.averaging import (
-    AveragingConfig, BernoulliSelector, PartitionSelector,
+    AveragingConfig, BernoulliSelector, PartitionSelector, SparseAverager,
     expected_elements_per_step, make_selector)
 from tests.dp_worker import make_model, train_step
 from tests.harness import REPO, evaluate, launch, read_metrics, read_summary, tool, train
@@ -49,6 +49,27 @@ def test_selectors_are_shared_by_seed_and_differ_per_tensor():
     counts = [bern.indices(step)[0].numel() / 200_000 for step in range(3)]
     assert all(abs(c - 0.05) < 0.003 for c in counts)      # 6 sigma ~ 0.003
     assert not torch.equal(bern.indices(0)[0], bern.indices(1)[0])
+
+
+def test_selection_is_drawn_once_per_cycle_and_the_state_is_small():
+    """Each step's coordinates travel with its pending average to the step that applies
+    it, so the partition selector draws each cycle's permutations once (applying step
+    t - tau's average used to ask for the previous cycle again, rebuilding both every
+    cycle); the partition selector needs no seen-mask. Kept per parameter: the fp32
+    EMA and the int32 permutation of the current cycle."""
+
+    class OneRank:
+        @staticmethod
+        def get_world_size(group=None):
+            return 1
+
+    params = [("a", torch.zeros(1000)), ("b", torch.zeros(37, 11))]
+    avg = SparseAverager(params, AveragingConfig(fraction=0.05, delay=10), comm=OneRank())
+    for _ in range(65):                 # steps 0-64: cycles 0-3 of 20 steps
+        avg.step()
+    assert avg.selector.builds == 4
+    assert avg.state_bytes_per_parameter() == 8.0
+    assert avg.seen == {}
 
 
 def test_ema_momentum_schedule():

@@ -1,7 +1,7 @@
 """Optimizers against staleness: reference math, wrappers, stage delays, bad input.
 
 Reference tests run a real Megatron-core GPTModel + the optimizer
-``megatron_asyncmesh.optim.build_optimizer`` returns (registry entry, Megatron's
+``megatron_asyncmesh.optim.builder.build_optimizer`` returns (registry entry, Megatron's
 parameter groups, its FP32Optimizer / ChainedOptimizer wrappers) against the
 reference optimizers built directly from torch / emerging-optimizers on an
 identical copy of the model (``tests/optim_worker.py``). Both sides run the
@@ -67,7 +67,7 @@ def test_error_feedback_state_survives_a_checkpoint(tmp_path):
 # --- pieces that need no model ---------------------------------------------------------
 
 def test_stage_delay_from_schedule():
-    from megatron_asyncmesh.optim import stage_delay
+    from megatron_asyncmesh.optim.builder import stage_delay
 
     assert [stage_delay("flush", 4, k, 4) for k in range(4)] == [0, 0, 0, 0]
     assert [stage_delay("2bw", 4, k, 4) for k in range(4)] == [1, 1, 1, 1]

@@ -120,11 +120,12 @@ def test_2bw_rejects_too_few_microbatches():
 
 
 def test_weight_memory():
-    """2bw keeps 2 stashed versions per stage; stash at most P - k (M = 1)."""
+    """Stored versions besides the live weights: 2bw one per stage (two copies in all,
+    PipeDream-2BW's double buffer), stash P - 1 - k (M = 1)."""
     r = simulate("2bw", 4, 8, 6)
-    assert r.peak_weight_versions == [2, 2, 2, 2]
+    assert r.peak_weight_versions == [1, 1, 1, 1]
     s = simulate("stash", 4, 1, 8)
-    assert s.peak_weight_versions == [4, 3, 2, 0]   # last stage runs on the live weights
+    assert s.peak_weight_versions == [3, 2, 1, 0]   # last stage runs on the live weights
     assert s.peak_activations == [4, 3, 2, 1]
 
 

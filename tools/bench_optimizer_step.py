@@ -4,7 +4,7 @@
 Builds the model of a config (default ``launch/configs/gpt-125m.yaml``, fp32 on CPU,
 bf16 on a GPU as the config says) as one process (PP = DP = 1), gives every
 parameter a fixed random gradient, and times ``optimizer.step()`` of the Megatron
-optimizer ``megatron_asyncmesh.optim.build_optimizer`` returns for each method:
+optimizer ``megatron_asyncmesh.optim.builder.build_optimizer`` returns for each method:
 Megatron's AdamW, nadamw, Muon, SOAP on a refresh step (power iteration + QR of
 every Kronecker factor) and on a step without refresh, and AdamW + error
 feedback. SOAP with the default period 10 costs (refresh + 9 x no-refresh) / 10,
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from megatron.core import parallel_state
 
     from megatron_asyncmesh import distributed as mdist
-    from megatron_asyncmesh import optim
+    from megatron_asyncmesh.optim import builder as optim
     from megatron_asyncmesh.config import parse_config
     from megatron_asyncmesh.dataparallel.megatron import wrap_ddp
     from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent

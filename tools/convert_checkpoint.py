@@ -31,6 +31,10 @@ from megatron_asyncmesh.checkpoint.integrity import CheckpointError  # noqa: E40
 from megatron_asyncmesh.config import ConfigError  # noqa: E402
 
 
+def _replica(value: str):
+    return value if value == "mean" else int(value)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,8 +52,9 @@ def main(argv=None) -> int:
                            help="write a flush checkpoint when the new layout needs weight "
                                 "versions the input does not hold")
         if name == "hf-export":
-            p.add_argument("--replica", type=int, default=None,
-                           help="which replica of a --dp-averaging sparse checkpoint")
+            p.add_argument("--replica", type=_replica, default=None,
+                           help="which replica of a --dp-averaging sparse checkpoint "
+                                "(0..DP-1), or 'mean' for the replicas' mean")
     args = parser.parse_args(argv)
     try:
         if args.command == "reshard":

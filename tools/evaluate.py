@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="a project checkpoint (--save dir or iter dir)")
     parser.add_argument("--hf", help="a Hugging Face model directory")
-    parser.add_argument("--replica", type=int, help="replica of a sparse-DP checkpoint")
+    parser.add_argument("--replica", type=lambda v: v if v == "mean" else int(v),
+                        help="replica of a sparse-DP checkpoint (0..DP-1, or 'mean')")
     parser.add_argument("--data-path")
     parser.add_argument("--tokenizer-model")
     parser.add_argument("--seq-length", type=int)

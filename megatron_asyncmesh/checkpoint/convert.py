@@ -38,7 +38,8 @@ from megatron_asyncmesh.checkpoint import hf
 from megatron_asyncmesh.checkpoint import state as ckpt
 from megatron_asyncmesh.checkpoint.deepspeed import DS_CONFIG
 from megatron_asyncmesh.checkpoint.hf import PROJECT_CONFIG
-from megatron_asyncmesh.checkpoint.integrity import LATEST, META, CheckpointError, verify
+from megatron_asyncmesh.checkpoint.integrity import (
+    LATEST, META, CheckpointError, saved_transformer_impl, verify)
 from megatron_asyncmesh.config import TrainConfig, config_from_dict
 from megatron_asyncmesh.model import build_gpt_stage
 from megatron_asyncmesh.options import ConfigError
@@ -124,7 +125,9 @@ def single_process(cfg: TrainConfig):
 def build_model(cfg: TrainConfig, padded_vocab: int):
     """The unsplit GPTModel (call inside :func:`single_process`), eval mode."""
 
-    model = build_gpt_stage(cfg, padded_vocab)
+    # Conversion and evaluation compute in fp32: a --bf16 checkpoint's weights load into
+    # fp32 tensors (exactly: every bf16 value is an fp32 value).
+    model = build_gpt_stage(dataclasses.replace(cfg, bf16=False), padded_vocab)
     return model.eval()
 
 
@@ -136,12 +139,25 @@ def load_model(directory: str, meta: dict, model, replica: Optional[int] = None)
 
     layout = meta["layout"]
     sharded = model.sharded_state_dict()
+    if saved_transformer_impl(meta) == "transformer_engine":
+        # The model here is built with the local spec: read the norms from where
+        # Transformer Engine keeps them.
+        def te_key(value):
+            if isinstance(value, ShardedBase):
+                value.key = hf.local_to_te_name(value.key)
+            return value
+
+        dict_list_map_inplace(te_key, sharded)
     if layout.get("dp_averaging") == "sparse" and meta.get("contents", "full") == "full":
         replicas = layout.get("data_parallel_size", 1)
+        if replica == "mean":
+            _load_replica_mean(directory, meta, model, replicas)
+            return
         if replica is None or not 0 <= replica < replicas:
             raise ConfigError(
                 f"{directory} holds {replicas} independent replicas (--dp-averaging sparse): "
-                f"choose one with --replica 0..{replicas - 1}.")
+                f"choose one with --replica 0..{replicas - 1}, or --replica mean for their "
+                f"mean (runs with --dp-final-average end with one model: any replica).")
 
         def own(value):
             if isinstance(value, ShardedBase):
@@ -151,6 +167,23 @@ def load_model(directory: str, meta: dict, model, replica: Optional[int] = None)
         dict_list_map_inplace(own, sharded)
     state = dist_checkpointing.load({"model": sharded}, directory)
     model.load_state_dict(state["model"])
+
+
+def _load_replica_mean(directory: str, meta: dict, model, replicas: int) -> None:
+    """The mean of a sparse checkpoint's replicas, in fp32, into ``model``."""
+    total = None
+    for r in range(replicas):
+        load_model(directory, meta, model, r)
+        state = model_state(model)
+        if total is None:
+            total = state
+        else:
+            for k, v in state.items():
+                total[k] += v
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if k in total:
+                v.copy_(total[k] / replicas)
 
 
 def model_state(model) -> dict:

@@ -24,6 +24,31 @@ from megatron_asyncmesh.options import ConfigError
 
 PROJECT_CONFIG = "asyncmesh_config.json"   # written by the exporters beside config.json
 
+# Megatron's Transformer Engine layer spec fuses each norm into the linear layer after it
+# (TELayerNormColumnParallelLinear); the local spec keeps them as modules of their own.
+_TE_NORMS = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+             ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
+
+
+def local_to_te_name(name: str) -> str:
+    """A local-spec parameter name -> the Transformer Engine spec's name for it
+    (``decoder.layers.3.input_layernorm.weight`` ->
+    ``decoder.layers.3.self_attention.linear_qkv.layer_norm_weight``)."""
+    for local, te in _TE_NORMS:
+        i = name.find(local)
+        if i >= 0 and name.count(".", i + len(local)) == 0:
+            return name[:i] + te + name[i + len(local):]
+    return name
+
+
+def te_to_local_name(name: str) -> str:
+    """The inverse of :func:`local_to_te_name`."""
+    for local, te in _TE_NORMS:
+        i = name.find(te)
+        if i >= 0:
+            return name[:i] + local + name[i + len(te):]
+    return name
+
 LAYERNORM_EPS = 1e-5        # Megatron TransformerConfig.layernorm_epsilon default
 ROTARY_BASE = 10000.0       # Megatron GPTModel rotary_base default
 

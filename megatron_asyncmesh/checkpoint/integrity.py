@@ -15,6 +15,7 @@ import os
 from typing import Optional
 
 from megatron_asyncmesh import patching
+from megatron_asyncmesh.model import resolve_transformer_impl
 from megatron_asyncmesh.options import ConfigError
 
 WEIGHTS_ONLY_PATCH = patching.declare(
@@ -77,7 +78,15 @@ def _layout(cfg, vocab_size: int, dp: int) -> dict:
     out = model_shape(cfg, vocab_size)
     out.update({f: getattr(cfg, f) for f in LAYOUT_FIELDS if f != "data_parallel_size"})
     out["data_parallel_size"] = dp
+    # The layer spec names the tensors (Transformer Engine fuses the norms into the
+    # following linear layers): part of the seal. Checkpoints from before it was sealed
+    # were all written with the local spec.
+    out["transformer_impl"] = resolve_transformer_impl(cfg)
     return out
+
+
+def saved_transformer_impl(meta: dict) -> str:
+    return meta.get("layout", {}).get("transformer_impl", "local")
 
 
 def data_parallel_size() -> int:
@@ -86,17 +95,68 @@ def data_parallel_size() -> int:
     return parallel_state.get_data_parallel_world_size()
 
 
-def write_meta(directory: str, cfg, vocab_size: int, iteration: int,
-               contents: str = "full") -> None:
-    """Checksums of every file, the layout and the config, into ``META`` (atomically).
-    ``contents``: "full" (a training state) or "model" (weights only, e.g. imported
-    from Hugging Face: loads at any pipeline size with a fresh optimizer)."""
-    files = {}
+def _listing(directory: str) -> dict:
+    """Every file under ``directory`` (relative path -> bytes), META excluded."""
+    out = {}
     for root, _, names in os.walk(directory):
         for name in sorted(names):
             path = os.path.join(root, name)
             rel = os.path.relpath(path, directory)
-            files[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+            if rel not in (META, META + ".tmp"):
+                out[rel] = os.path.getsize(path)
+    return out
+
+
+def _my_share(sizes: dict) -> list:
+    """The files this rank hashes: the ranks of the world split the bytes evenly (the
+    largest file first to the least-loaded rank; every rank computes the same split),
+    so checksumming a checkpoint takes the same time at any number of ranks."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return sorted(sizes)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    load = [0] * world
+    share = []
+    for rel in sorted(sizes, key=lambda r: (-sizes[r], r)):
+        owner = min(range(world), key=lambda k: (load[k], k))
+        load[owner] += sizes[rel]
+        if owner == rank:
+            share.append(rel)
+    return share
+
+
+def _gather(mine):
+    """Every rank's ``mine`` (a list of all of them), or ``[mine]`` alone."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def checksum_files(directory: str) -> dict:
+    """``{relative path: {bytes, sha256}}`` of every file under ``directory``; collective
+    when a process group exists (each rank hashes its share of the bytes)."""
+    sizes = _listing(directory)
+    mine = {rel: _sha256(os.path.join(directory, rel)) for rel in _my_share(sizes)}
+    digests = {}
+    for part in _gather(mine):
+        digests.update(part)
+    return {rel: {"bytes": sizes[rel], "sha256": digests[rel]} for rel in sorted(sizes)}
+
+
+def write_meta(directory: str, cfg, vocab_size: int, iteration: int,
+               contents: str = "full", files: Optional[dict] = None) -> None:
+    """Checksums of every file (``files``, from :func:`checksum_files`, or computed
+    here), the layout and the config, into ``META`` (atomically). ``contents``: "full"
+    (a training state) or "model" (weights only, e.g. imported from Hugging Face: loads
+    at any pipeline size with a fresh optimizer)."""
+    if files is None:
+        files = {rel: {"bytes": n, "sha256": _sha256(os.path.join(directory, rel))}
+                 for rel, n in _listing(directory).items()}
     meta = {"format_version": FORMAT_VERSION, "iteration": iteration,
             "layout": _layout(cfg, vocab_size, data_parallel_size()), "contents": contents,
             "config": cfg.to_dict(), "files": files}
@@ -200,15 +260,29 @@ def verify(directory: str, cfg=None,
         if size != info["bytes"]:
             raise CheckpointError(f"{directory}: file {rel} has {size} bytes, the metadata "
                                   f"says {info['bytes']} (truncated or overwritten).")
-        if _sha256(file) != info["sha256"]:
-            raise CheckpointError(f"{directory}: file {rel} does not match its checksum "
-                                  f"(corrupted); load an earlier checkpoint.")
         if os.path.basename(rel) == ".metadata":
             check_pickle(file)
+    # Checksums: each rank of a process group verifies its share of the bytes (every rank
+    # calls verify before loading), and all raise the first mismatch any of them found.
+    share = _my_share({rel: info["bytes"] for rel, info in meta["files"].items()})
+    bad = [rel for rel in share
+           if _sha256(os.path.join(directory, rel)) != meta["files"][rel]["sha256"]]
+    bad = sorted(rel for part in _gather(bad) for rel in part)
+    if bad:
+        raise CheckpointError(f"{directory}: file {bad[0]} does not match its checksum "
+                              f"(corrupted); load an earlier checkpoint.")
     weights_only_bytes()               # every load after this check reads weights-only
     if cfg is not None:
         saved, mine = meta["layout"], _layout(cfg, vocab_size, dp)
         check_same_model(directory, saved, cfg, vocab_size)
+        impl = saved_transformer_impl(meta), mine["transformer_impl"]
+        if impl[0] != impl[1]:
+            raise CheckpointError(
+                f"{directory} was written with --transformer-impl {impl[0]}, this run builds "
+                f"the {impl[1]} layer spec, whose parameters have other names (Transformer "
+                f"Engine fuses each norm into the next linear layer). Resume with "
+                f"--transformer-impl {impl[0]}, or carry the weights over through "
+                f"tools/convert_checkpoint.py hf-export then hf-import.")
         if meta.get("contents", "full") == "model":
             return meta                   # weights only: any layout, fresh optimizer
         pp = saved["pipeline_model_parallel_size"], mine["pipeline_model_parallel_size"]

@@ -1,4 +1,5 @@
-"""Training state saved and loaded through Megatron-core's ``dist_checkpointing`` (torch_dist format).
+"""Training state saved and loaded through Megatron-core's ``dist_checkpointing``
+(torch_dist format).
 
 Layout under ``--save DIR``::
 
@@ -23,7 +24,8 @@ from typing import Dict, List, Optional, Tuple
 import torch.distributed as dist
 
 from megatron_asyncmesh.checkpoint.integrity import (
-    LATEST, META, data_parallel_size, verify, write_meta)
+    LATEST, META, checksum_files, data_parallel_size, verify, write_meta)
+from megatron_asyncmesh.model import unwrap_model
 from megatron_asyncmesh.options import ConfigError
 
 def _iter_dir(root: str, iteration: int) -> str:
@@ -92,7 +94,7 @@ def _state(model, optimizer, scheduler, iteration: int, is_loading: bool,
     from megatron_asyncmesh.optim.soap import factor_sharded_state
 
     # The unwrapped GPTModel: its keys are the model's own (no DDP "module." prefix).
-    model_sd = model.module.sharded_state_dict()
+    model_sd = unwrap_model(model).sharded_state_dict()
     state = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
@@ -140,8 +142,9 @@ def save(cfg, model, optimizer, scheduler, iteration: int,
                                    averager=averager, **pipeline), partial)
     _crash_point("after_shards", iteration)
     dist.barrier()
+    files = checksum_files(partial)          # collective: each rank hashes its share
     if dist.get_rank() == 0:
-        write_meta(partial, cfg, model.module.vocab_size, iteration)
+        write_meta(partial, cfg, unwrap_model(model).vocab_size, iteration, files=files)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -199,11 +202,13 @@ def load(cfg, model, optimizer, scheduler,
         path = _iter_dir(cfg.load, iteration)
     else:
         path = iteration_path
-    meta = verify(path, cfg, model.module.vocab_size, data_parallel_size(), reshard=reshard)
+    meta = verify(path, cfg, unwrap_model(model).vocab_size, data_parallel_size(),
+                  reshard=reshard)
     iteration = meta["iteration"]
     if meta.get("contents", "full") == "model":
-        state = dist_checkpointing.load({"model": model.module.sharded_state_dict()}, path)
-        model.module.load_state_dict(state["model"])
+        state = dist_checkpointing.load(
+            {"model": unwrap_model(model).sharded_state_dict()}, path)
+        unwrap_model(model).load_state_dict(state["model"])
         return 0, {}
     pipeline = {}
     common = dist_checkpointing.load_common_state_dict(path)
@@ -230,12 +235,12 @@ def load(cfg, model, optimizer, scheduler,
         path)
     if averager is not None:
         averager.load_state_dict(state["dp_averaging"])
-    model.module.load_state_dict(state["model"])
+    unwrap_model(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if "optimizer_soap_factors" in state:
         from megatron_asyncmesh.optim.soap import load_factor_state
 
-        load_factor_state(optimizer, model.module.sharded_state_dict(),
+        load_factor_state(optimizer, unwrap_model(model).sharded_state_dict(),
                           state["optimizer_soap_factors"])
     scheduler.load_state_dict(state["opt_param_scheduler"])
     weights = state.get("pipeline_weight_versions", {})

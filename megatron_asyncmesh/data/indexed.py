@@ -78,9 +78,34 @@ def check_indexed_dataset(prefix: str, scan_tokens: bool = True) -> IndexInfo:
         raise DatasetError(f"{bin_path!r} holds no tokens. {_fix_hint(prefix)}")
     max_id = -1
     if scan_tokens:
-        tokens = np.memmap(bin_path, dtype=dtype, mode="r")
-        max_id = int(tokens.max())
+        max_id = _max_token_id(prefix, bin_path, bin_size, dtype)
     return IndexInfo(prefix, dtype, int(n_seq), int(n_doc) - 1, num_tokens, max_id)
+
+
+def _max_token_id(prefix: str, bin_path: str, bin_size: int, dtype) -> int:
+    """The largest token id of ``prefix.bin``: recorded by the preprocessing in
+    ``prefix.meta.json``, or scanned once and recorded in ``prefix.scan.json`` (a
+    multi-GB corpus is not re-read by every rank of every run). A record counts only
+    for a ``.bin`` of the size and modification time it was made for."""
+    stamp = {"bin_bytes": bin_size, "bin_mtime_ns": os.stat(bin_path).st_mtime_ns}
+    for path in (prefix + ".meta.json", prefix + ".scan.json"):
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if "max_token_id" in rec and all(rec.get(k) == v for k, v in stamp.items()):
+            return int(rec["max_token_id"])
+    max_id = int(np.memmap(bin_path, dtype=dtype, mode="r").max())
+    tmp = f"{prefix}.scan.json.tmp-{os.getpid()}"
+    try:                                  # best effort: a read-only corpus is scanned again
+        with open(tmp, "w") as f:
+            json.dump({**stamp, "max_token_id": max_id}, f)
+        os.replace(tmp, prefix + ".scan.json")
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return max_id
 
 
 def check_vocab(info: IndexInfo, vocab_size: int, tokenizer_path: str) -> None:
@@ -124,11 +149,16 @@ def write_indexed_dataset(prefix: str, documents: Iterable[List[int]], vocab_siz
             raise DatasetError(f"token id {info.max_token_id} >= vocab size {vocab_size}.")
         meta = dict(metadata or {}, num_documents=info.num_documents,
                     num_tokens=info.num_tokens, vocab_size=vocab_size,
-                    dtype=np.dtype(info.dtype).name)
+                    dtype=np.dtype(info.dtype).name, max_token_id=info.max_token_id)
         with open(tmp + ".meta.json", "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
         os.replace(tmp_bin, prefix + ".bin")
         os.replace(tmp_idx, prefix + ".idx")
+        # The token scan's record is valid for the renamed .bin (same size and mtime).
+        bin_stat = os.stat(prefix + ".bin")
+        meta.update(bin_bytes=bin_stat.st_size, bin_mtime_ns=bin_stat.st_mtime_ns)
+        with open(tmp + ".meta.json", "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
         os.replace(tmp + ".meta.json", prefix + ".meta.json")
     finally:
         for path in (tmp_bin, tmp_idx, tmp + ".meta.json"):

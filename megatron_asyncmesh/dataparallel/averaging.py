@@ -128,9 +128,11 @@ class PartitionSelector:
         self.device = device
         self._cycle = -1
         self._perms: List[torch.Tensor] = []
+        self.builds = 0            # cycles whose permutations were drawn (once each)
 
     def permutations(self, cycle: int) -> List[torch.Tensor]:
         if cycle != self._cycle:
+            self.builds += 1
             perms = []
             for key, n in zip(self.keys, self.numels):
                 gen = torch.Generator().manual_seed(stable_seed(self.seed, key, "cycle", cycle))
@@ -175,6 +177,7 @@ class _Pending:
     snapshot: torch.Tensor         # W_i^(t)[S_t], concatenated over tensors
     buffer: torch.Tensor           # being all-reduced (sum over replicas)
     work: object                   # the async handle (None once waited / restored)
+    indices: List[torch.Tensor]    # S_t per tensor, carried to the apply tau steps later
 
 
 class SparseAverager:
@@ -204,13 +207,17 @@ class SparseAverager:
         device = self.params[0].device if self.params else None
         self.selector = make_selector(cfg, self.keys, [p.numel() for p in self.params], device)
         self.pending: deque = deque()
-        # The drift EMA and which coordinates it has seen (ema correction only).
+        # The drift EMA (ema correction only) and which coordinates it has seen: with the
+        # partition selector a coordinate applied at step s was seen before iff s is past
+        # the first cycle (every coordinate is applied once per cycle, in step order), so
+        # only the Bernoulli selector keeps a mask.
         self.ema: Dict[int, torch.Tensor] = {}
         self.seen: Dict[int, torch.Tensor] = {}
         if cfg.correction == "ema":
             for j, p in enumerate(self.params):
                 self.ema[j] = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-                self.seen[j] = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+                if cfg.selector != "partition":
+                    self.seen[j] = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
         self.steps = 0                 # optimizer steps seen (the next snapshot's t)
         self.elements_sent = 0
         self.bytes_sent = 0
@@ -265,7 +272,7 @@ class SparseAverager:
         work = None
         if self.world > 1:
             work = self.comm.all_reduce(buffer, group=self.group, async_op=True)
-        self.pending.append(_Pending(t, snapshot, buffer, work))
+        self.pending.append(_Pending(t, snapshot, buffer, work, indices))
         self.last_step_bytes = buffer.numel() * buffer.element_size() if self.world > 1 else 0
         self.elements_sent += buffer.numel() if self.world > 1 else 0
         self.bytes_sent += self.last_step_bytes
@@ -277,7 +284,7 @@ class SparseAverager:
         if item.work is not None:
             item.work.wait()
             item.work = None
-        indices = self.selector.indices(item.step)
+        indices = item.indices
         average = item.buffer / self.world
         cfg = self.cfg
         if cfg.correction == "avg":
@@ -288,21 +295,25 @@ class SparseAverager:
                 new = average + cfg.lam * drift
             else:
                 m = cfg.momentum(now)
-                ema = self._update_ema(indices, drift, m)
+                ema = self._update_ema(indices, drift, m, item.step)
                 new = average + cfg.lam * ema
         self._scatter(indices, new)
         if self.after_apply is not None:
             self.after_apply()
 
-    def _update_ema(self, indices, drift: torch.Tensor, m: float) -> torch.Tensor:
+    def _update_ema(self, indices, drift: torch.Tensor, m: float, step: int) -> torch.Tensor:
         out, offset = [], 0
+        past_first_cycle = step >= self.cfg.groups
         for j, (p, idx) in enumerate(zip(self.params, indices)):
             n = idx.numel()
             d = drift[offset:offset + n]
             offset += n
-            e = torch.where(self.seen[j][idx], m * self.ema[j][idx] + (1.0 - m) * d, d)
+            if j in self.seen:
+                e = torch.where(self.seen[j][idx], m * self.ema[j][idx] + (1.0 - m) * d, d)
+                self.seen[j][idx] = True
+            else:
+                e = m * self.ema[j][idx] + (1.0 - m) * d if past_first_cycle else d
             self.ema[j][idx] = e
-            self.seen[j][idx] = True
             out.append(e)
         return torch.cat(out) if out else drift
 
@@ -330,20 +341,38 @@ class SparseAverager:
             state[f"pending.{item.step}.buffer"] = item.buffer
         for j in self.ema:
             state[f"ema.{self.keys[j]}"] = self.ema[j]
-            state[f"seen.{self.keys[j]}"] = self.seen[j].to(torch.uint8)
+            state[f"seen.{self.keys[j]}"] = self._seen_mask(j).to(torch.uint8)
         return state
+
+    def _seen_mask(self, j: int) -> torch.Tensor:
+        """Coordinates of tensor ``j`` the EMA has seen (stored by the Bernoulli selector;
+        the partition selector's follows from the steps applied). Checkpoints keep the
+        mask for both, so their format does not depend on the selector."""
+        if j in self.seen:
+            return self.seen[j]
+        applied = self.steps - len(self.pending)        # steps 0 .. applied-1 were applied
+        p = self.params[j]
+        mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+        if applied >= self.cfg.groups:
+            mask.fill_(True)
+        else:
+            for s in range(applied):
+                mask[self.selector.indices(s)[j]] = True
+        return mask
 
     def state_template(self, steps: int) -> dict:
         """Empty tensors shaped like :meth:`state_dict` after ``steps`` steps (what a
         checkpoint loader needs before reading)."""
+        device = self.params[0].device if self.params else None
         state = {"counters": torch.zeros(3, dtype=torch.int64)}
         for s in range(max(0, steps - self.cfg.delay), steps):
             n = sum(int(i.numel()) for i in self.selector.indices(s))
-            state[f"pending.{s}.snapshot"] = torch.empty(n)
-            state[f"pending.{s}.buffer"] = torch.empty(n)
+            state[f"pending.{s}.snapshot"] = torch.empty(n, device=device)
+            state[f"pending.{s}.buffer"] = torch.empty(n, device=device)
         for j in self.ema:
             state[f"ema.{self.keys[j]}"] = torch.empty_like(self.ema[j])
-            state[f"seen.{self.keys[j]}"] = torch.empty(self.ema[j].numel(), dtype=torch.uint8)
+            state[f"seen.{self.keys[j]}"] = torch.empty(self.ema[j].numel(), dtype=torch.uint8,
+                                                         device=device)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -351,10 +380,28 @@ class SparseAverager:
         pending = sorted(int(k.split(".")[1]) for k in state
                          if k.startswith("pending.") and k.endswith(".snapshot"))
         self.pending = deque(_Pending(s, state[f"pending.{s}.snapshot"],
-                                      state[f"pending.{s}.buffer"], None) for s in pending)
+                                      state[f"pending.{s}.buffer"], None,
+                                      self.selector.indices(s)) for s in pending)
         for j in self.ema:
             self.ema[j].copy_(state[f"ema.{self.keys[j]}"])
-            self.seen[j].copy_(state[f"seen.{self.keys[j]}"].bool())
+            if j in self.seen:
+                self.seen[j].copy_(state[f"seen.{self.keys[j]}"].bool())
+
+    def state_bytes_per_parameter(self) -> float:
+        """Bytes the averager keeps per parameter besides the pending averages: the drift
+        EMA, the seen mask (Bernoulli) and the selector's current permutations."""
+        numel = sum(p.numel() for p in self.params) or 1
+        held = sum(t.numel() * t.element_size() for t in self.ema.values())
+        held += sum(t.numel() * t.element_size() for t in self.seen.values())
+        held += sum(t.numel() * t.element_size() for t in getattr(self.selector, "_perms", []))
+        return held / numel
+
+    def pending_bytes_per_parameter(self) -> float:
+        numel = sum(p.numel() for p in self.params) or 1
+        return sum(i.snapshot.numel() * i.snapshot.element_size()
+                   + i.buffer.numel() * i.buffer.element_size()
+                   + sum(x.numel() * x.element_size() for x in i.indices)
+                   for i in self.pending) / numel
 
     def stats(self) -> dict:
         return {"steps": self.steps, "elements_sent": self.elements_sent,

@@ -34,6 +34,9 @@ class DataParallelConfig:
                                "0.5 -> 0.99", "parallel")
     dp_ema_anneal_iters: int = option(0, "length of that annealing (0 = to the end of "
                                       "training)", "parallel")
+    dp_final_average: bool = option(
+        True, "at the end of training replace every replica by the replicas' mean, so the "
+        "last checkpoint and every export hold one model", "parallel")
 
     def validate_averaging(self, seed: int, train_iters: int) -> None:
         check_choices(self, DataParallelConfig)

@@ -26,7 +26,8 @@ import torch
 
 from megatron_asyncmesh.dataparallel.averaging import AveragingError, SparseAverager
 from megatron_asyncmesh.dataparallel.config import averaging_config
-from megatron_asyncmesh.model import global_parameter_names
+from megatron_asyncmesh.model import global_parameter_names, unwrap_model
+from megatron_asyncmesh.optim.main_params import copy_main_to_model, main_params
 from megatron_asyncmesh.options import ConfigError
 
 
@@ -74,29 +75,13 @@ def wrap_ddp(cfg, model):
                                    pg_collection=pg_collection)
 
 
-def _leaf_optimizers(optimizer) -> list:
-    inner = getattr(optimizer, "optimizer", None)
-    if hasattr(optimizer, "chained_optimizers"):
-        return [leaf for o in optimizer.chained_optimizers for leaf in _leaf_optimizers(o)]
-    if inner is not None and not isinstance(inner, torch.optim.Optimizer):
-        return _leaf_optimizers(inner)          # wrappers (error feedback) around Megatron's
-    return [optimizer]
-
-
 def main_parameters(model, optimizer) -> Tuple[List[Tuple[str, torch.Tensor]], list]:
     """``(global name, main parameter)`` of every trainable parameter of this
     stage, plus the mixed-precision optimizers whose model copies must be
     refreshed after main parameters change."""
-    module = model.module if hasattr(model, "module") else model
+    module = unwrap_model(model)
     names = global_parameter_names(module)
-    main_of, refresh = {}, []
-    for leaf in _leaf_optimizers(optimizer):
-        if hasattr(leaf, "float16_groups"):
-            for model_group, main_group in zip(leaf.float16_groups,
-                                               leaf.fp32_from_float16_groups):
-                for mp, main in zip(model_group, main_group):
-                    main_of[id(mp)] = main
-            refresh.append(leaf)
+    main_of, refresh = main_params(optimizer)
     params = [(names[n], main_of.get(id(p), p))
               for n, p in module.named_parameters() if p.requires_grad]
     return params, refresh
@@ -115,8 +100,7 @@ def build_averager(cfg, model, optimizer) -> Optional[SparseAverager]:
     params, refresh = main_parameters(model, optimizer)
 
     def after_apply() -> None:
-        for leaf in refresh:
-            leaf._copy_main_params_to_model_params()
+        copy_main_to_model(refresh)
 
     try:
         return SparseAverager(params, acfg, group=parallel_state.get_data_parallel_group(),

@@ -41,7 +41,6 @@ from megatron_asyncmesh import patching
 from megatron_asyncmesh.optim.config import REGISTERED, check_choice
 from megatron_asyncmesh.optim.feedback import DelayErrorFeedback, PipeMareLR
 from megatron_asyncmesh.optim.nadamw import NAdamW, init_state_fn, stage_hyperparameters
-from megatron_asyncmesh.optim.soap import StageAwareSOAP, stage_refresh_frequency
 from megatron_asyncmesh.pipeline.schedule import gradient_delay
 
 REGISTRY_PATCH = patching.declare(
@@ -193,6 +192,10 @@ def _register(cfg, info: StageOptimizerInfo, P: int) -> None:
                 config_to_kwargs=nadamw_kwargs, default_param_overrides={}),
             patch=REGISTRY_PATCH, label=f"_EMERGING_OPTIMIZERS[{REGISTERED['nadamw']!r}]")
     elif cfg.optimizer == "soap":
+        # emerging-optimizers pulls in torch.compile's stack (4 s per process here): only
+        # the runs that use SOAP import it.
+        from megatron_asyncmesh.optim.soap import StageAwareSOAP, stage_refresh_frequency
+
         every = cfg.soap_precondition_frequency
         if cfg.soap_stage_aware:
             every = stage_refresh_frequency(every, info.delay)

@@ -11,6 +11,8 @@ from typing import List, Optional
 
 import torch
 
+from megatron_asyncmesh.optim.main_params import copy_main_to_model, main_params
+
 
 class DelayErrorFeedback:
     """Error feedback for a one-step-delayed update (ALGORITHMS.md 2.2, "ours").
@@ -29,7 +31,9 @@ class DelayErrorFeedback:
     which keeps the wrapper free of any optimizer's internals. It costs two
     parameter-sized buffers: the previous update (state, checkpointed) and the
     pre-step copy (scratch, recycled). The first step has no previous update and is
-    not corrected.
+    not corrected. Under ``--bf16`` the update is measured on, and the correction added
+    to, the optimizer's fp32 main parameters, then copied into the bf16 model (on the
+    model parameters it would be rounded away and overwritten by the next step's copy).
     """
 
     STATE_KEY = "delay_error_feedback"
@@ -39,7 +43,9 @@ class DelayErrorFeedback:
             raise ValueError(f"--delay-error-feedback must be in [0, 1], got {alpha}.")
         self.optimizer = optimizer
         self.alpha = alpha
-        self.params = [p for p in params if p.requires_grad]
+        self.model_params = [p for p in params if p.requires_grad]
+        main_of, self._refresh = main_params(optimizer)
+        self.params = [main_of.get(id(p), p) for p in self.model_params]
         self.previous: Optional[List[torch.Tensor]] = None
         self._scratch: Optional[List[torch.Tensor]] = None
 
@@ -64,6 +70,7 @@ class DelayErrorFeedback:
         if self.previous is not None and self.alpha:
             for p, u, prev in zip(self.params, before, self.previous):
                 p.data.add_(prev.neg_().add_(u), alpha=self.alpha)   # prev := u_t - u_{t-1}
+            copy_main_to_model(self._refresh)
         self._scratch, self.previous = self.previous, before
         return ok, grad_norm, zeros
 
@@ -89,7 +96,7 @@ class DelayErrorFeedback:
             "previous": {
                 str(i): standalone(unique_key(f"optimizer.{self.STATE_KEY}", by_param[id(p)]),
                                    buf, dp_rank)
-                for i, (p, buf) in enumerate(zip(self.params, buffers))}}
+                for i, (p, buf) in enumerate(zip(self.model_params, buffers))}}
         return sd
 
     def load_state_dict(self, state_dict):

@@ -153,7 +153,11 @@ class AsyncPipelineSchedule:
                     f"--pipeline-schedule {self.mode}.")
         self.num_microbatches = num_microbatches
         params = [p for p in model.parameters() if p.requires_grad]
-        self.store = WeightVersionStore(params, needs_snapshot(self.mode, self.P, self.stage))
+        # Megatron's distributed optimizer writes into DDP's flat buffer, which the
+        # parameters view: their storage cannot be swapped (see versions.py).
+        flat = getattr(getattr(model, "ddp_config", None), "use_distributed_optimizer", False)
+        self.store = WeightVersionStore(params, needs_snapshot(self.mode, self.P, self.stage),
+                                        swap=not flat)
         for v, tensors in self._restored.items():
             self.store.restore(v, tensors)
         self._restored = {}
@@ -219,6 +223,9 @@ class AsyncPipelineSchedule:
         losses = self._run(actions, schedules, forward_step_func, data_iterator, model, shape,
                            collect_non_loss_data, force_all_reduce)
         self.store.point_to_live()
+        # Before the optimizer step: keep the live version if anything still needs it.
+        self.store.retire_live(weight_version(self.mode, self.P, self.stage, M,
+                                              self._forwarded + 1))
         self.last_call = (t == self.segment_start, last)
         self.step = t + 1
         if last:

@@ -80,7 +80,7 @@ class SimResult:
     intervals: List[Interval]
     step_ends: List[List[float]]              # per stage, end time of each STEP
     peak_activations: List[int]               # in-flight microbatches per stage
-    peak_weight_versions: List[int]           # stashed versions per stage (live copy excluded)
+    peak_weight_versions: List[int]           # stored versions per stage (live copy excluded)
     idle_slots: List[int] = field(default_factory=list)  # unit-cost simulations only
 
     def busy(self, stage: int, t0: float = float("-inf"), t1: float = float("inf")) -> float:
@@ -249,36 +249,40 @@ def run_programs(programs: Sequence[Sequence[Action]], costs: Optional[Costs] = 
 
 
 def _peak_versions(program: Sequence[Action], mode: str, P: int, stage: int, M: int) -> int:
-    """Peak number of stashed weight versions the runtime's store holds,
-    replaying its rule: a version gets its own buffer when produced (if the
-    stage needs snapshots) and is freed once no in-flight microbatch uses it
-    and the next forward wants a newer one."""
+    """Peak number of stored weight versions besides the live weights, replaying the
+    runtime store's ``swap`` rule: forwards on the live version run on the live storage;
+    right before each optimizer step the versions no in-flight or next microbatch uses
+    are freed, and the live version is kept (its storage retired as a snapshot) only if
+    an in-flight microbatch ran on it or the next forward needs it."""
     if mode not in ("2bw", "stash") or not needs_snapshot(mode, P, stage):
         return 0
     forwards = [a for a in program if a.kind == "F"]
     if not forwards:
         return 0
-    first_version = forwards[0].version
-    # Versions present at the segment start: every version from the first one
-    # used up to the live one (the runtime keeps what a later step will use).
-    alive = {first_version}
+    # The live version at the segment start: stash forwards use the newest weights; 2bw
+    # step s runs on s - 1 while s is live.
+    live = forwards[0].version if mode == "stash" else max(forwards[0].step, 0)
+    alive = {forwards[0].version} - {live}
     uses: Dict[int, int] = {}
     fi = 0
     peak = len(alive)
-    steps = forwards[0].version if mode == "stash" else max(forwards[0].step, 0)
     for a in program:
         if a.kind == "F":
             uses[a.version] = uses.get(a.version, 0) + 1
+            if a.version != live:
+                alive.add(a.version)
             fi += 1
         elif a.kind == "B":
             uses[a.version] -= 1
         elif a.kind == "STEP":
-            steps = a.step + 1
+            peak = max(peak, len(alive))
             nxt = forwards[fi].version if fi < len(forwards) else None
             for v in sorted(alive):
                 if uses.get(v, 0) == 0 and (nxt is None or v < nxt):
                     alive.discard(v)
-            alive.add(steps)
+            if uses.get(live, 0) > 0 or (nxt is not None and nxt <= live):
+                alive.add(live)
+            live = a.step + 1
             peak = max(peak, len(alive))
     return peak
 

@@ -17,15 +17,24 @@ import math
 import torch
 import torch.distributed as dist
 
+from megatron_asyncmesh import patching
 from megatron_asyncmesh.checkpoint.deepspeed import check_zero_resume, save_zero_checkpoint
 from megatron_asyncmesh.dataparallel.config import averaging_config
+from megatron_asyncmesh.dataparallel.consensus import consensus
 from megatron_asyncmesh.dataparallel.deepspeed_hook import ReplicaMPU, attach_sparse_averaging
 from megatron_asyncmesh.model import build_gpt_stage, global_parameter_names, \
     init_layout_independent
 from megatron_asyncmesh.options import ConfigError
 
-# Collectives ZeRO 1/2/3 and the averager issue. deepspeed 0.19.8's comms logger exits
-# the process on ops its bandwidth table lacks, so only these are profiled.
+COUNT_PATCH = patching.declare(
+    "deepspeed-comm-bytes", package="deepspeed",
+    target="`deepspeed.comm.{all_reduce, reduce_scatter_tensor, all_gather_into_tensor, "
+           "broadcast, ...}` (module functions)",
+    replacement="the same functions, adding each call's message size to a counter",
+    why="bytes per collective for the benchmarks without DeepSpeed's comms logger, which "
+        "synchronises the device after every collective",
+    when="a train_deepspeed run (`CommBytes.install()` .. `uninstall()`)")
+# Collectives ZeRO 1/2/3 and the averager issue, whose bytes are counted.
 LOGGED_OPS = ["all_reduce", "all_reduce_coalesced", "reduce_scatter", "reduce_scatter_tensor",
               "all_gather", "all_gather_into_tensor", "broadcast", "reduce",
               "all_to_all_single"]
@@ -70,12 +79,43 @@ def ds_config(cfg, zero_stage: int, num_microbatches: int) -> dict:
     }
 
 
-def comm_bytes() -> dict:
-    """Bytes per collective so far, as deepspeed's comms logger recorded them."""
-    import deepspeed.comm as dscomm
+class CommBytes:
+    """Bytes handed to each ``deepspeed.comm`` collective, counted from the tensor
+    arguments (DeepSpeed's own ``get_msg_size_from_args``, the comms logger's measure)
+    without its timing: the comms logger synchronises the device after every collective
+    once enabled (``timed_op``), which would remove ZeRO's overlap of communication and
+    compute, and the averager's asynchrony, from every run it measures."""
 
-    return {op: sum(size * rec[0] for size, rec in sizes.items())
-            for op, sizes in dscomm.comms_logger.comms_dict.items()}
+    def __init__(self):
+        self.by_op = {}
+        self._originals = {}
+
+    def install(self) -> "CommBytes":
+        import deepspeed.comm as dscomm
+        from deepspeed.comm.utils import get_msg_size_from_args
+
+        for op in LOGGED_OPS:
+            original = getattr(dscomm, op, None)
+            if original is None:
+                continue
+
+            def counted(*args, _op=op, _fn=original, **kwargs):
+                self.by_op[_op] = self.by_op.get(_op, 0) + \
+                    get_msg_size_from_args(_fn, *args, **kwargs)
+                return _fn(*args, **kwargs)
+
+            self._originals[op] = patching.replace(dscomm, op, counted, patch=COUNT_PATCH)
+        return self
+
+    def uninstall(self) -> None:
+        import deepspeed.comm as dscomm
+
+        for op, fn in self._originals.items():
+            patching.restore(dscomm, op, fn, patch=COUNT_PATCH)
+        self._originals = {}
+
+    def total(self) -> int:
+        return sum(self.by_op.values())
 
 
 def check_options(cfg, zero_stage: int) -> None:
@@ -124,7 +164,7 @@ class DeepSpeedEngineRun:
         self.cfg, self.dp, self.num_microbatches = cfg, dp, num_microbatches
         self.zero_stage = zero_stage
         dscomm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
-        dscomm.configure(enabled=True, prof_all=False, prof_ops=LOGGED_OPS, verbose=False)
+        self.comm = CommBytes().install()
         acfg = averaging_config(cfg, cfg.seed, cfg.train_iters)
         model = build_gpt_stage(cfg, data.vocab_size)
         init_layout_independent(model, cfg)
@@ -187,7 +227,7 @@ class DeepSpeedEngineRun:
         norm = engine.get_global_grad_norm()
         steady = not self._first
         if self._first:
-            self._bytes_after_first = sum(comm_bytes().values())
+            self._bytes_after_first = self.comm.total()
             self._first = False
         return {"loss_sum": loss_sum, "tokens": tokens,
                 "grad_norm_sq": None if norm is None else float(norm) ** 2, "lr": lr,
@@ -208,6 +248,21 @@ class DeepSpeedEngineRun:
         s, n = total.tolist()
         return s / max(n, 1.0)
 
+    def consensus_evaluate(self, valid):
+        """(validation loss of the replicas' mean, bytes sent) with sparse averaging
+        (every rank a replica); None otherwise."""
+        if self.averager is None:
+            return None
+        params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        with consensus(params, None) as sent:
+            loss = self.evaluate(valid)
+        return loss, sent
+
+    def final_average(self):
+        """The DeepSpeed engine's sparse runs do not save (see check_options): their
+        replicas are evaluated as one model (consensus_evaluate), not merged."""
+        return None
+
     def save(self, step: int) -> None:
         save_zero_checkpoint(self.cfg, self.engine, self.zero_stage, self.model.vocab_size,
                              step, self.dp)
@@ -215,10 +270,11 @@ class DeepSpeedEngineRun:
     def close(self) -> None:
         if self.averager is not None:
             self.averager.wait_in_flight()
+        self.comm.uninstall()
 
     def rank_info(self, steps: int) -> dict:
-        by_op = comm_bytes()
-        total = sum(by_op.values())
+        by_op = dict(self.comm.by_op)
+        total = self.comm.total()
         params = sum(p.numel() for p in self.model.parameters())
         per_step = ((total - self._bytes_after_first) / max(1, steps - 1)
                     if self._bytes_after_first is not None else None)

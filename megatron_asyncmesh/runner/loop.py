@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_asyncmesh import cpu_compat
 from megatron_asyncmesh import distributed as mdist
 from megatron_asyncmesh.data.datasets import (
     build_run_datasets, eval_microbatches, resolve_data, train_iterator)
@@ -59,7 +60,7 @@ def reduce_records(records: list, norm_replicas: int) -> list:
 def run(cfg, engine_cls, **engine_kwargs) -> dict:
     """Train ``cfg`` with ``engine_cls`` (collective over the launched world)."""
     t_start = time.time()
-    launcher = mdist.init_distributed()
+    launcher = mdist.init_distributed(cfg.distributed_timeout_minutes)
     threads = mdist.set_cpu_threads(cfg)
     dp = mdist.init_model_parallel(cfg)
     rank = dist.get_rank()
@@ -84,15 +85,29 @@ def run(cfg, engine_cls, **engine_kwargs) -> dict:
     train_time, timed_steps, steady_time, steady_steps = 0.0, 0, 0.0, 0
     last_step = cfg.train_iters
     dt = 0.0
+    # Device synchronisations inside training steps (counted by the CPU layer; None on a
+    # GPU): an asynchronous step must ask for none.
+    step_syncs = 0 if cpu_compat.device_synchronizations() is not None else None
+    final_average_bytes = None
 
     def evaluate(step: int) -> None:
         if cfg.eval_iters:
             val = engine.evaluate(valid)
-            val_history.append({"step": step, "val_loss": val})
-            writer.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+            # Sparse averaging: the replicas' mean too (a dense all-reduce of a copy; the
+            # replicas continue untouched); its bytes are logged apart from the steps'.
+            mean = engine.consensus_evaluate(valid)
+            rec = {"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
+                   "consensus_val_loss": mean[0] if mean else None,
+                   "consensus_bytes": mean[1] if mean else 0}
+            val_history.append({k: rec[k] for k in ("step", "val_loss",
+                                                    "consensus_val_loss")})
+            writer.log(rec)
 
     def is_save_step(step: int) -> bool:
-        return bool(cfg.save and cfg.save_interval and step % cfg.save_interval == 0)
+        # The last step's checkpoint is written after the final evaluation (and, with
+        # sparse averaging, the replicas' final average).
+        return bool(cfg.save and cfg.save_interval and step % cfg.save_interval == 0
+                    and step != last_step)
 
     def flush_records() -> None:
         # One all-reduce for all steps since the last flush (see reduce_records).
@@ -125,9 +140,12 @@ def run(cfg, engine_cls, **engine_kwargs) -> dict:
             evaluating = step % cfg.eval_interval == 0 and step != last_step
             # The pipeline drains before evaluation, checkpoints and the end.
             drain = step == last_step or evaluating or is_save_step(step)
+            syncs_before = cpu_compat.device_synchronizations()
             t0 = time.perf_counter()
             record = engine.train_step(train_it, step, drain)
             dt = time.perf_counter() - t0
+            if step_syncs is not None:
+                step_syncs += cpu_compat.device_synchronizations() - syncs_before
             if step > start_iter + 1:  # the first step includes one-off set-up work
                 train_time += dt
                 timed_steps += 1
@@ -148,7 +166,9 @@ def run(cfg, engine_cls, **engine_kwargs) -> dict:
         flush_records()
         if not val_history or val_history[-1]["step"] != cfg.train_iters:
             evaluate(cfg.train_iters)
-        if cfg.save and (not cfg.save_interval or cfg.train_iters % cfg.save_interval):
+        # Sparse averaging: the replicas become one model before the last checkpoint.
+        final_average_bytes = engine.final_average()
+        if cfg.save and start_iter < cfg.train_iters:
             save_checkpoint(cfg.train_iters, dt)
     finally:
         writer.close()
@@ -157,12 +177,19 @@ def run(cfg, engine_cls, **engine_kwargs) -> dict:
     pipeline = engine.pipeline()
     per_rank = [None] * dist.get_world_size()
     mine = {"rank": rank, "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_device_memory_mb": (round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+                                      if torch.cuda.is_available() else None),
+            "device_synchronizations_in_steps": step_syncs,
             **engine.rank_info(cfg.train_iters - start_iter)}
     dist.all_gather_object(per_rank, mine)
     summary = {
         "engine": engine.name,
         "zero_stage": engine.zero_stage,
         "final_val_loss": val_history[-1]["val_loss"] if val_history else None,
+        # Sparse averaging: the replicas' mean's (what --dp-final-average leaves, and
+        # what the last checkpoint then holds); None for synchronous data parallelism.
+        "consensus_val_loss": val_history[-1]["consensus_val_loss"] if val_history else None,
+        "final_average_bytes": final_average_bytes,
         "final_train_loss": stats["loss"] if stats else None,
         "val_loss_history": val_history,
         # Every step but the first (one-off set-up work).

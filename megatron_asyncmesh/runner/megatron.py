@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_asyncmesh.checkpoint import state as ckpt
+from megatron_asyncmesh.dataparallel.consensus import average_replicas, consensus
+from megatron_asyncmesh.optim.main_params import copy_main_to_model, main_params
 from megatron_asyncmesh.pipeline import install
 from megatron_asyncmesh.pipeline.simulate import plot_timeline
 from megatron_asyncmesh.pipeline.timeline import Timeline
@@ -233,6 +235,32 @@ class MegatronEngine:
 
     def evaluate(self, valid) -> float:
         return self.trainer.evaluate(valid, self.cfg.eval_iters)
+
+    def _replica_group(self):
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group()
+
+    def consensus_evaluate(self, valid):
+        """(validation loss of the replicas' mean, bytes sent) with sparse averaging;
+        None otherwise (the replicas are one model already)."""
+        if self.averager is None:
+            return None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        with consensus(params, self._replica_group()) as sent:
+            loss = self.trainer.evaluate(valid, self.cfg.eval_iters)
+        return loss, sent
+
+    def final_average(self):
+        """--dp-final-average: the replicas become their mean (main parameters included),
+        so the last checkpoint holds one model. Returns the bytes sent, or None."""
+        if self.averager is None or not self.cfg.dp_final_average:
+            return None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        main_of, refresh = main_params(self.optimizer)
+        main = [main_of[id(p)] for p in params] if main_of else None
+        return average_replicas(params, self._replica_group(), main,
+                                lambda: copy_main_to_model(refresh))
 
     def save(self, step: int) -> None:
         ckpt.save(self.cfg, self.model, self.optimizer, self.scheduler, step, self.schedule,
