@@ -25,9 +25,10 @@ SUMMARY_KEYS = (
     "tokens_per_s", "steady_tokens_per_s", "train_iters", "start_iteration", "peak_rss_mb",
     "pipeline_model_parallel_size", "data_parallel_size", "num_microbatches",
     "pipeline_schedule", "stage_utilization", "stage_delay", "optimizer", "stage_optimizer",
-    "checkpoints", "dp_averaging", "dp_averaging_stats", "grad_all_reduce_bytes_per_step",
-    "comm_bytes_per_step", "per_rank", "pipeline", "parameters", "world_size", "launcher",
-    "threads_per_rank", "wall_time_s", "device", "run_dir", "config")
+    "checkpoints", "checkpoint_load_s", "dp_averaging", "dp_averaging_stats",
+    "grad_all_reduce_bytes_per_step", "comm_bytes_per_step", "per_rank", "pipeline",
+    "parameters", "world_size", "launcher", "threads_per_rank", "wall_time_s", "device",
+    "run_dir", "config")
 
 
 def peak_rss_mb() -> float:

@@ -12,7 +12,9 @@ goes through ``deepspeed.comm``, whose comms logger counts the bytes.
 
 from __future__ import annotations
 
+import inspect
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -29,7 +31,7 @@ from megatron_asyncmesh.options import ConfigError
 COUNT_PATCH = patching.declare(
     "deepspeed-comm-bytes", package="deepspeed",
     target="`deepspeed.comm.{all_reduce, reduce_scatter_tensor, all_gather_into_tensor, "
-           "broadcast, ...}` (module functions)",
+           "broadcast, ...}` (module functions, in `deepspeed.comm` and `deepspeed.comm.comm`)",
     replacement="the same functions, adding each call's message size to a counter",
     why="bytes per collective for the benchmarks without DeepSpeed's comms logger, which "
         "synchronises the device after every collective",
@@ -92,26 +94,33 @@ class CommBytes:
 
     def install(self) -> "CommBytes":
         import deepspeed.comm as dscomm
+        from deepspeed.comm import comm as dscomm_impl
         from deepspeed.comm.utils import get_msg_size_from_args
 
         for op in LOGGED_OPS:
-            original = getattr(dscomm, op, None)
+            original = getattr(dscomm_impl, op, None)
             if original is None:
                 continue
+            # deepspeed.comm's functions are wrapped by its timed_op (a bare *args,
+            # **kwargs signature): the sizes are read against the function it wraps.
+            signed = next((c.cell_contents for c in (original.__closure__ or ())
+                           if inspect.isfunction(c.cell_contents)), original)
 
-            def counted(*args, _op=op, _fn=original, **kwargs):
+            def counted(*args, _op=op, _fn=original, _signed=signed, **kwargs):
                 self.by_op[_op] = self.by_op.get(_op, 0) + \
-                    get_msg_size_from_args(_fn, *args, **kwargs)
+                    get_msg_size_from_args(_signed, *args, **kwargs)
                 return _fn(*args, **kwargs)
 
-            self._originals[op] = patching.replace(dscomm, op, counted, patch=COUNT_PATCH)
+            # Both the package's names (what callers use) and the implementation module's
+            # (what its own helpers, e.g. ZeRO-3's reduce_scatter_fn, call).
+            for module in (dscomm, dscomm_impl):
+                self._originals[(module, op)] = patching.replace(module, op, counted,
+                                                                 patch=COUNT_PATCH)
         return self
 
     def uninstall(self) -> None:
-        import deepspeed.comm as dscomm
-
-        for op, fn in self._originals.items():
-            patching.restore(dscomm, op, fn, patch=COUNT_PATCH)
+        for (module, op), fn in self._originals.items():
+            patching.restore(module, op, fn, patch=COUNT_PATCH)
         self._originals = {}
 
     def total(self) -> int:
@@ -191,10 +200,14 @@ class DeepSpeedEngineRun:
         if cfg.load:
             # DeepSpeed restores the module, the (ZeRO-partitioned) optimizer state and the
             # lr scheduler; the data position follows from the iteration.
+            t0 = time.perf_counter()
             path, client = self.engine.load_checkpoint(cfg.load)
+            self.load_s = time.perf_counter() - t0
             if path is None or (client or {}).get("iteration") != self.start_iter:
                 raise ConfigError(f"--load {cfg.load!r}: DeepSpeed could not load iteration "
                                   f"{self.start_iter} (got {path!r}).")
+        if not cfg.load:
+            self.load_s = None
         self.device = torch.device("cuda") if torch.cuda.is_available() \
             else torch.device("cpu")
         self.asynchronous = False            # no pipeline

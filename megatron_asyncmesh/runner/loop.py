@@ -180,6 +180,7 @@ def run(cfg, engine_cls, **engine_kwargs) -> dict:
             "peak_device_memory_mb": (round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
                                       if torch.cuda.is_available() else None),
             "device_synchronizations_in_steps": step_syncs,
+            "checkpoint_load_s": engine.load_s,
             **engine.rank_info(cfg.train_iters - start_iter)}
     dist.all_gather_object(per_rank, mine)
     summary = {
@@ -211,6 +212,8 @@ def run(cfg, engine_cls, **engine_kwargs) -> dict:
         "stage_optimizer": {str(r["stage_optimizer"]["stage"]): r["stage_optimizer"]
                             for r in per_rank},
         "checkpoints": checkpoints,
+        # Seconds this rank spent loading --load (verification included), per rank.
+        "checkpoint_load_s": [r["checkpoint_load_s"] for r in per_rank],
         "dp_averaging": cfg.dp_averaging,
         # Per rank: what the sparse averaging handed to all-reduce (None: synchronous DP).
         "dp_averaging_stats": [r["dp_averaging_stats"] for r in per_rank],

@@ -208,10 +208,13 @@ class MegatronEngine:
         stage = parallel_state.get_pipeline_model_parallel_rank()
         self.asynchronous = cfg.pipeline_schedule != "flush"
         self.start_iter, resumed_versions = 0, {}
+        self.load_s = None
         if cfg.load:
+            t0 = time.perf_counter()
             self.start_iter, resumed_versions = ckpt.load(
                 cfg, self.model, self.optimizer, self.scheduler, num_microbatches,
                 self.averager)
+            self.load_s = time.perf_counter() - t0
         self.schedule = None
         if self.asynchronous:
             # The one-line change to a Megatron loop: get_forward_backward_func()
