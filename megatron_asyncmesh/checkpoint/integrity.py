@@ -115,15 +115,22 @@ def _listing(directory: str) -> dict:
     return out
 
 
-def _my_share(sizes: dict) -> list:
+def _world(collective: bool = True) -> tuple:
+    """(ranks, this rank) sharing the checksum work: the process group's, else (1, 0)."""
+    import torch.distributed as dist
+
+    if collective and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _my_share(sizes: dict, collective: bool = True) -> list:
     """The files this rank hashes: the ranks of the world split the bytes evenly (the
     largest file first to the least-loaded rank; every rank computes the same split),
     so checksumming a checkpoint takes the same time at any number of ranks."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world, rank = _world(collective)
+    if world == 1:
         return sorted(sizes)
-    world, rank = dist.get_world_size(), dist.get_rank()
     load = [0] * world
     share = []
     for rel in sorted(sizes, key=lambda r: (-sizes[r], r)):
@@ -134,24 +141,27 @@ def _my_share(sizes: dict) -> list:
     return share
 
 
-def _gather(mine):
+def _gather(mine, collective: bool = True):
     """Every rank's ``mine`` (a list of all of them), or ``[mine]`` alone."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world, _ = _world(collective)
+    if world == 1:
         return [mine]
-    out = [None] * dist.get_world_size()
+    out = [None] * world
     dist.all_gather_object(out, mine)
     return out
 
 
-def checksum_files(directory: str) -> dict:
-    """``{relative path: {bytes, sha256}}`` of every file under ``directory``; collective
-    when a process group exists (each rank hashes its share of the bytes)."""
+def checksum_files(directory: str, collective: bool = True) -> dict:
+    """``{relative path: {bytes, sha256}}`` of every file under ``directory``; with
+    ``collective`` and a process group, every rank calls it and hashes its share of the
+    bytes."""
     sizes = _listing(directory)
-    mine = {rel: _sha256(os.path.join(directory, rel)) for rel in _my_share(sizes)}
+    mine = {rel: _sha256(os.path.join(directory, rel))
+            for rel in _my_share(sizes, collective)}
     digests = {}
-    for part in _gather(mine):
+    for part in _gather(mine, collective):
         digests.update(part)
     return {rel: {"bytes": sizes[rel], "sha256": digests[rel]} for rel in sorted(sizes)}
 
@@ -162,9 +172,8 @@ def write_meta(directory: str, cfg, vocab_size: int, iteration: int,
     here), the layout and the config, into ``META`` (atomically). ``contents``: "full"
     (a training state) or "model" (weights only, e.g. imported from Hugging Face: loads
     at any pipeline size with a fresh optimizer)."""
-    if files is None:
-        files = {rel: {"bytes": n, "sha256": _sha256(os.path.join(directory, rel))}
-                 for rel, n in _listing(directory).items()}
+    if files is None:                       # one process writes: no collective
+        files = checksum_files(directory, collective=False)
     meta = {"format_version": FORMAT_VERSION, "iteration": iteration,
             "layout": _layout(cfg, vocab_size, data_parallel_size()), "contents": contents,
             "config": cfg.to_dict(), "files": files}

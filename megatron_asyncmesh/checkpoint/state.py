@@ -16,7 +16,6 @@ the metadata, every checksum, the model shape and the layout before reading.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Dict, List, Optional, Tuple

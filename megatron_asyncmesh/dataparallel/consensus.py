@@ -9,7 +9,7 @@ the replicas are averaged once, so the last checkpoint and every export hold one
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,14 +46,12 @@ def consensus(params: Sequence[torch.Tensor], group) -> Iterator[int]:
                 p.copy_(s)
 
 
-def average_replicas(params: Sequence[torch.Tensor], group,
-                     main: Optional[List[torch.Tensor]] = None, after=None) -> int:
-    """Replace every replica's parameters by their mean, for good. ``main``: the fp32
-    main parameters of a mixed-precision optimizer (the mean is written there, then
+def average_replicas(params: Sequence[torch.Tensor], group, after=None) -> int:
+    """Replace every replica's ``params`` by their mean, for good: the parameters the
+    optimizer updates (a mixed-precision optimizer's fp32 main parameters, then
     ``after()`` copies them into the model). Returns the bytes sent."""
-    targets = main if main is not None else list(params)
-    flat = _mean(targets, group)
-    _write(targets, flat)
+    flat = _mean(params, group)
+    _write(params, flat)
     if after is not None:
         after()
     return flat.numel() * flat.element_size()

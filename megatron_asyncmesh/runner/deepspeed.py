@@ -27,6 +27,7 @@ from megatron_asyncmesh.dataparallel.deepspeed_hook import ReplicaMPU, attach_sp
 from megatron_asyncmesh.model import build_gpt_stage, global_parameter_names, \
     init_layout_independent
 from megatron_asyncmesh.options import ConfigError
+from megatron_asyncmesh.runner.reduce import world_mean_loss
 
 COUNT_PATCH = patching.declare(
     "deepspeed-comm-bytes", package="deepspeed",
@@ -95,7 +96,7 @@ class CommBytes:
     def install(self) -> "CommBytes":
         import deepspeed.comm as dscomm
         from deepspeed.comm import comm as dscomm_impl
-        from deepspeed.comm.utils import get_msg_size_from_args
+        from deepspeed.comm.utils import get_msg_size_from_args, get_tensor_position
 
         for op in LOGGED_OPS:
             original = getattr(dscomm_impl, op, None)
@@ -105,10 +106,17 @@ class CommBytes:
             # **kwargs signature): the sizes are read against the function it wraps.
             signed = next((c.cell_contents for c in (original.__closure__ or ())
                            if inspect.isfunction(c.cell_contents)), original)
+            # Where the tensor argument sits, found once (DeepSpeed's helper inspects the
+            # signature on every call); passed by keyword, its helper finds it.
+            position = get_tensor_position(signed)
 
-            def counted(*args, _op=op, _fn=original, _signed=signed, **kwargs):
-                self.by_op[_op] = self.by_op.get(_op, 0) + \
-                    get_msg_size_from_args(_signed, *args, **kwargs)
+            def counted(*args, _op=op, _fn=original, _signed=signed, _pos=position,
+                        **kwargs):
+                if 0 <= _pos < len(args) and isinstance(args[_pos], torch.Tensor):
+                    size = args[_pos].element_size() * args[_pos].nelement()
+                else:
+                    size = get_msg_size_from_args(_signed, *args, **kwargs)
+                self.by_op[_op] = self.by_op.get(_op, 0) + size
                 return _fn(*args, **kwargs)
 
             # Both the package's names (what callers use) and the implementation module's
@@ -197,6 +205,7 @@ class DeepSpeedEngineRun:
             mpu=ReplicaMPU() if acfg is not None else None)
         self.averager = attach_sparse_averaging(self.engine, acfg, names=names) \
             if acfg else None
+        self.load_s = None
         if cfg.load:
             # DeepSpeed restores the module, the (ZeRO-partitioned) optimizer state and the
             # lr scheduler; the data position follows from the iteration.
@@ -206,8 +215,6 @@ class DeepSpeedEngineRun:
             if path is None or (client or {}).get("iteration") != self.start_iter:
                 raise ConfigError(f"--load {cfg.load!r}: DeepSpeed could not load iteration "
                                   f"{self.start_iter} (got {path!r}).")
-        if not cfg.load:
-            self.load_s = None
         self.device = torch.device("cuda") if torch.cuda.is_available() \
             else torch.device("cpu")
         self.asynchronous = False            # no pipeline
@@ -251,15 +258,13 @@ class DeepSpeedEngineRun:
     @torch.no_grad()
     def evaluate(self, valid) -> float:
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        loss_sum = tokens = 0.0
         for batch in valid or []:
             loss, n = self._loss_of(batch)
-            total[0] += float(loss) * float(n)
-            total[1] += float(n)
+            loss_sum += float(loss) * float(n)
+            tokens += float(n)
         self.engine.train()
-        dist.all_reduce(total)
-        s, n = total.tolist()
-        return s / max(n, 1.0)
+        return world_mean_loss(loss_sum, tokens)
 
     def consensus_evaluate(self, valid):
         """(validation loss of the replicas' mean, bytes sent) with sparse averaging

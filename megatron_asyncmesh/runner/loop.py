@@ -20,7 +20,6 @@ import math
 import os
 import sys
 import time
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -34,27 +33,7 @@ from megatron_asyncmesh.data.indexed import DatasetError
 from megatron_asyncmesh.metrics import (
     SUMMARY_KEYS, RunWriter, final_table, peak_rss_mb, plot_losses)
 from megatron_asyncmesh.options import ConfigError
-
-
-def reduce_records(records: list, norm_replicas: int) -> list:
-    """Global loss and gradient norm of several steps with ONE all-reduce.
-
-    Asynchronous stages finish a step at different wall times, so per-step metrics are
-    kept locally and reduced together only where the pipeline is drained anyway
-    (evaluation, checkpoint, end) or, for synchronous runs, at the logging interval.
-    ``grad_norm_sq`` is this rank's squared norm (None: the engine reports none); ranks
-    holding the same norm are divided out by ``norm_replicas``.
-    """
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    packed = torch.tensor([[r["loss_sum"], r["tokens"], r["grad_norm_sq"] or 0.0]
-                           for r in records], dtype=torch.float64, device=device).view(-1, 3)
-    dist.all_reduce(packed)
-    out = []
-    for rec, (loss_sum, tokens, norm_sq) in zip(records, packed.tolist()):
-        out.append({**rec, "loss": loss_sum / max(tokens, 1.0),
-                    "grad_norm": (None if rec["grad_norm_sq"] is None
-                                  else math.sqrt(max(norm_sq, 0.0) / norm_replicas))})
-    return out
+from megatron_asyncmesh.runner.reduce import reduce_records
 
 
 def run(cfg, engine_cls, **engine_kwargs) -> dict:

@@ -10,7 +10,6 @@ Megatron's optimizer step and ``OptimizerParamScheduler``. The run around the st
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from functools import partial
@@ -25,6 +24,7 @@ from megatron_asyncmesh.optim.main_params import copy_main_to_model, main_params
 from megatron_asyncmesh.pipeline import install
 from megatron_asyncmesh.pipeline.simulate import plot_timeline
 from megatron_asyncmesh.pipeline.timeline import Timeline
+from megatron_asyncmesh.runner.reduce import world_mean_loss
 from megatron_asyncmesh.stage import build_stage
 
 
@@ -80,28 +80,7 @@ def local_loss(losses_reduced: List[dict]) -> Tuple[float, float]:
 def global_mean_loss(losses_reduced: List[dict]) -> float:
     """Token-weighted mean loss over all microbatches and replicas (one
     all-reduce over the world: a synchronisation point, used for evaluation)."""
-    return reduce_records([dict(zip(("loss_sum", "tokens"), local_loss(losses_reduced)),
-                                grad_norm_sq=0.0)], 1)[0]["loss"]
-
-
-def reduce_records(records: List[dict], norm_replicas: int) -> List[dict]:
-    """Global loss and gradient norm of several steps with ONE all-reduce.
-
-    Asynchronous stages finish a step at different wall times, so per-step
-    metrics are kept locally and reduced together only where the pipeline is
-    drained anyway (evaluation, checkpoint, end) or, for the synchronous
-    schedule, at the logging interval. ``grad_norm_sq`` is this rank's squared
-    norm; ranks holding the same norm are divided out by ``norm_replicas``.
-    """
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    packed = torch.tensor([[r["loss_sum"], r["tokens"], r["grad_norm_sq"]] for r in records],
-                          dtype=torch.float64, device=device).view(-1, 3)
-    dist.all_reduce(packed)
-    out = []
-    for rec, (loss_sum, tokens, norm_sq) in zip(records, packed.tolist()):
-        out.append({**rec, "loss": loss_sum / max(tokens, 1.0),
-                    "grad_norm": math.sqrt(max(norm_sq, 0.0) / norm_replicas)})
-    return out
+    return world_mean_loss(*local_loss(losses_reduced))
 
 
 class Trainer:
@@ -259,10 +238,9 @@ class MegatronEngine:
         so the last checkpoint holds one model. Returns the bytes sent, or None."""
         if self.averager is None or not self.cfg.dp_final_average:
             return None
-        params = [p for p in self.model.parameters() if p.requires_grad]
         main_of, refresh = main_params(self.optimizer)
-        main = [main_of[id(p)] for p in params] if main_of else None
-        return average_replicas(params, self._replica_group(), main,
+        targets = [main_of.get(id(p), p) for p in self.model.parameters() if p.requires_grad]
+        return average_replicas(targets, self._replica_group(),
                                 lambda: copy_main_to_model(refresh))
 
     def save(self, step: int) -> None:
