@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from megatron_asyncmesh.dataparallel.averaging import (
-    AveragingConfig, BernoulliSelector, PartitionSelector, SparseAverager,
-    expected_elements_per_step, make_selector)
+    AveragingConfig, BernoulliSelector, BlockSelector, PartitionSelector, SparseAverager,
+    expected_elements_per_step, make_selector, selected_coordinates)
 from tests.dp_worker import make_model, train_step
 from tests.harness import REPO, evaluate, launch, read_metrics, read_summary, tool, train
 
@@ -19,22 +19,40 @@ KEYS = ["a", "b", "c", "d"]
 
 
 @pytest.mark.parametrize("fraction", [0.05, 0.3, 1.0])
-def test_partition_covers_every_coordinate_once_per_cycle(fraction):
-    sel = PartitionSelector(KEYS, NUMELS, fraction, seed=3)
+@pytest.mark.parametrize("kind", ["partition", "block"])
+def test_partition_covers_every_coordinate_once_per_cycle(fraction, kind):
+    """Both cycling selectors: every coordinate exactly once per cycle, a new draw per
+    cycle; the block selector (blocks of 8, so tensors of 1 and 7 coordinates are one
+    short block) selects whole blocks, gathered and scattered as the coordinates say."""
+    sel = (PartitionSelector(KEYS, NUMELS, fraction, seed=3) if kind == "partition" else
+           BlockSelector(KEYS, NUMELS, fraction, seed=3, block_size=8))
     groups = sel.groups
     assert groups == {0.05: 20, 0.3: 4, 1.0: 1}[fraction]
     for cycle in range(2):
         seen = [torch.zeros(n, dtype=torch.long) for n in NUMELS]
         for step in range(cycle * groups, (cycle + 1) * groups):
-            idx = sel.indices(step)
-            assert sum(i.numel() for i in idx) == expected_elements_per_step(NUMELS, fraction,
-                                                                             step)
-            for s, i in zip(seen, idx):
-                s[i.long()] += 1
+            idx = selected_coordinates(sel, step)
+            if kind == "partition":
+                assert sum(i.numel() for i in idx) == expected_elements_per_step(
+                    NUMELS, fraction, step)
+            else:
+                for i, n in zip(idx, NUMELS):      # whole blocks of 8 (or the short last)
+                    blocks = torch.unique(i // 8)
+                    assert i.numel() == sum(min(8, n - 8 * int(b)) for b in blocks)
+            for s, i, sl, n in zip(seen, idx, sel.select(step), NUMELS):
+                s[i] += 1
+                assert sl.numel() == i.numel()
+                x = torch.arange(n, dtype=torch.float32) * 3
+                out = torch.empty(sl.numel())
+                sl.gather(x, out)
+                assert torch.equal(out, x[i])
+                sl.scatter(x, -out)
+                assert torch.equal(x[i], -out)
+            assert sel.builds == cycle + 1
         for s in seen:
             assert bool((s == 1).all())          # exactly once in the cycle
-    first, second = sel.indices(0), sel.indices(groups)   # a new permutation per cycle
-    if fraction < 1:
+    first, second = selected_coordinates(sel, 0), selected_coordinates(sel, groups)
+    if fraction < 1:                             # a new permutation per cycle
         assert not torch.equal(first[3], second[3])
 
 
@@ -43,20 +61,26 @@ def test_selectors_are_shared_by_seed_and_differ_per_tensor():
     b = PartitionSelector(KEYS, NUMELS, 0.05, seed=3)
     c = PartitionSelector(KEYS, NUMELS, 0.05, seed=4)
     for step in (0, 5, 21):
-        assert all(torch.equal(x, y) for x, y in zip(a.indices(step), b.indices(step)))
-    assert not torch.equal(a.indices(0)[3], c.indices(0)[3])
+        assert all(torch.equal(x, y) for x, y in zip(selected_coordinates(a, step),
+                                                     selected_coordinates(b, step)))
+    assert not torch.equal(selected_coordinates(a, 0)[3], selected_coordinates(c, 0)[3])
+    d = BlockSelector(KEYS, NUMELS, 0.05, seed=3, block_size=8)
+    e = BlockSelector(KEYS, NUMELS, 0.05, seed=3, block_size=8)
+    assert all(torch.equal(x, y) for x, y in zip(selected_coordinates(d, 3),
+                                                 selected_coordinates(e, 3)))
     bern = BernoulliSelector(["w"], [200_000], 0.05, seed=1)
-    counts = [bern.indices(step)[0].numel() / 200_000 for step in range(3)]
+    counts = [selected_coordinates(bern, step)[0].numel() / 200_000 for step in range(3)]
     assert all(abs(c - 0.05) < 0.003 for c in counts)      # 6 sigma ~ 0.003
-    assert not torch.equal(bern.indices(0)[0], bern.indices(1)[0])
+    assert not torch.equal(selected_coordinates(bern, 0)[0], selected_coordinates(bern, 1)[0])
 
 
-def test_selection_is_drawn_once_per_cycle_and_the_state_is_small():
+@pytest.mark.parametrize("kind", ["partition", "block"])
+def test_selection_is_drawn_once_per_cycle_and_the_state_is_small(kind):
     """Each step's coordinates travel with its pending average to the step that applies
-    it, so the partition selector draws each cycle's permutations once (applying step
-    t - tau's average used to ask for the previous cycle again, rebuilding both every
-    cycle); the partition selector needs no seen-mask. Kept per parameter: the fp32
-    EMA and the int32 permutation of the current cycle."""
+    it, so a cycling selector draws each cycle once (applying step t - tau's average
+    used to ask for the previous cycle again, rebuilding both every cycle), and needs
+    no seen-mask. Kept per parameter: the fp32 EMA, plus the int32 permutation of the
+    current cycle (partition) or its int64 block numbers (block, 8 / 64 bytes)."""
 
     class OneRank:
         @staticmethod
@@ -64,12 +88,40 @@ def test_selection_is_drawn_once_per_cycle_and_the_state_is_small():
             return 1
 
     params = [("a", torch.zeros(1000)), ("b", torch.zeros(37, 11))]
-    avg = SparseAverager(params, AveragingConfig(fraction=0.05, delay=10), comm=OneRank())
+    avg = SparseAverager(params, AveragingConfig(fraction=0.05, delay=10, selector=kind,
+                                                 block_size=64), comm=OneRank())
     for _ in range(65):                 # steps 0-64: cycles 0-3 of 20 steps
         avg.step()
     assert avg.selector.builds == 4
-    assert avg.state_bytes_per_parameter() == 8.0
+    full_blocks = 1000 // 64 + 407 // 64
+    assert avg.state_bytes_per_parameter() == (
+        8.0 if kind == "partition" else 4.0 + 8 * full_blocks / 1407)
     assert avg.seen == {}
+
+
+def test_resumed_runs_keep_their_selector():
+    """--dp-selector auto: block for a new run, the checkpoint's selector on resume
+    (checkpoints from before the block selector record partition); an explicit selector
+    or block size other than the checkpoint's is refused with the fix."""
+    from megatron_asyncmesh.dataparallel.config import DataParallelConfig, resolve_selector
+    from megatron_asyncmesh.options import ConfigError
+
+    new = DataParallelConfig(dp_averaging="sparse")
+    resolve_selector(new, None, "--load x")
+    assert (new.dp_selector, new.dp_block_size) == ("block", 1024)
+    legacy = {"dp_averaging": "sparse", "dp_selector": "partition"}   # no dp_block_size
+    resumed = DataParallelConfig(dp_averaging="sparse")
+    resolve_selector(resumed, legacy, "--load x")
+    assert resumed.dp_selector == "partition"
+    saved = {"dp_averaging": "sparse", "dp_selector": "block", "dp_block_size": 256}
+    resumed = DataParallelConfig(dp_averaging="sparse")
+    resolve_selector(resumed, saved, "--load x")
+    assert (resumed.dp_selector, resumed.dp_block_size) == ("block", 256)
+    for mine, theirs in ((dict(dp_selector="block"), legacy),
+                         (dict(dp_selector="block", dp_block_size=512), saved)):
+        with pytest.raises(ConfigError, match="--dp-selector auto"):
+            resolve_selector(DataParallelConfig(dp_averaging="sparse", **mine), theirs,
+                             "--load x")
 
 
 def test_ema_momentum_schedule():
@@ -95,7 +147,7 @@ def simulate(case: dict, steps: int, world: int = 2):
     for t in range(steps):
         for r in range(world):
             train_step(models[r], opts[r], r, t)
-        idx = selector.indices(t)
+        idx = selected_coordinates(selector, t)
         queue.append((t, idx, [[p.detach().view(-1)[i].clone() for p, i in zip(params[r], idx)]
                                for r in range(world)]))
         while queue and queue[0][0] + cfg.delay <= t:
@@ -123,13 +175,18 @@ def simulate(case: dict, steps: int, world: int = 2):
     return [[p.detach() for p in ps] for ps in params]
 
 
+P = {"selector": "partition"}
 CASES = [
-    {"fraction": 1.0, "delay": 0, "correction": "avg"},
-    {"fraction": 0.3, "delay": 0, "correction": "avg"},                      # SPARTA
-    {"fraction": 0.3, "delay": 3, "correction": "avg"},
-    {"fraction": 0.25, "delay": 2, "correction": "drift", "lam": 0.5},
-    {"fraction": 0.3, "delay": 3, "correction": "ema", "ema_start": 4, "ema_anneal_iters": 5},
+    {"fraction": 1.0, "delay": 0, "correction": "avg", **P},
+    {"fraction": 0.3, "delay": 0, "correction": "avg", **P},                # SPARTA
+    {"fraction": 0.3, "delay": 3, "correction": "avg", **P},
+    {"fraction": 0.25, "delay": 2, "correction": "drift", "lam": 0.5, **P},
+    {"fraction": 0.3, "delay": 3, "correction": "ema", "ema_start": 4, "ema_anneal_iters": 5,
+     **P},
     {"fraction": 0.2, "delay": 2, "correction": "ema", "selector": "bernoulli"},
+    # Blocks of 4: whole blocks and short last blocks of the 91, 13, 39 and 3 weights.
+    {"fraction": 0.3, "delay": 3, "correction": "ema", "ema_start": 4, "ema_anneal_iters": 5,
+     "selector": "block", "block_size": 4},
 ]
 STEPS = 12
 

@@ -4,8 +4,8 @@
 For each model size (GPT-shaped parameter lists from the named configs: 25 M, 125 M,
 350 M by default) the tensors are made on the device (CUDA if present), and every step
 times one AdamW step (``fused=True`` on CUDA, ``foreach`` on CPU) and one averager step
-(``SparseAverager`` with p = 0.05, tau = 10, ema, the partition selector) over a
-one-rank group, so no network is involved: what is left is the averager's own work
+(``SparseAverager`` with p = 0.05, tau = 10, ema, the block selector by default,
+``--selectors block partition`` to compare) over a one-rank group, so no network is involved: what is left is the averager's own work
 (selection, gather, scatter, EMA), which is what must stay proportional to what it
 sends. Reported: mean and max ms of each, their ratios, how often the selector drew a
 cycle's permutations, and the averager's state in bytes per parameter.
@@ -66,7 +66,8 @@ class OneRank:
         return 1
 
 
-def measure(size: str, steps: int, fraction: float, delay: int) -> dict:
+def measure(size: str, steps: int, fraction: float, delay: int, selector: str = "block",
+            block_size: int = 1024) -> dict:
     import torch
 
     from megatron_asyncmesh.dataparallel.averaging import AveragingConfig, SparseAverager
@@ -81,6 +82,7 @@ def measure(size: str, steps: int, fraction: float, delay: int) -> dict:
                              **({"fused": True} if cuda else {"foreach": True}))
     avg = SparseAverager(params, AveragingConfig(fraction=fraction, delay=delay,
                                                  correction="ema", ema_start=0,
+                                                 selector=selector, block_size=block_size,
                                                  train_iters=steps), comm=OneRank())
 
     def timed(fn) -> float:
@@ -98,7 +100,9 @@ def measure(size: str, steps: int, fraction: float, delay: int) -> dict:
         if i >= 2:                           # the first steps allocate state
             adam_ms.append(a)
             avg_ms.append(b)
-    return {"size": size, "parameters": numel, "device": str(device), "steps": steps,
+    return {"size": size, "selector": selector,
+            "block_size": block_size if selector == "block" else None,
+            "parameters": numel, "device": str(device), "steps": steps,
             "fraction": fraction, "delay": delay,
             "adamw_mean_ms": statistics.mean(adam_ms), "adamw_max_ms": max(adam_ms),
             "averager_mean_ms": statistics.mean(avg_ms), "averager_max_ms": max(avg_ms),
@@ -117,6 +121,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--fraction", type=float, default=0.05)
     parser.add_argument("--delay", type=int, default=10)
+    parser.add_argument("--selectors", nargs="+", default=["block"],
+                        choices=["block", "partition", "bernoulli"])
+    parser.add_argument("--block-size", type=int, default=1024)
     parser.add_argument("--out", default="runs/bench_averager")
     args = parser.parse_args(argv)
     import megatron_asyncmesh  # noqa: F401
@@ -126,23 +133,26 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for size in args.sizes:
-        r = measure(size, args.steps, args.fraction, args.delay)
-        rows.append(r)
-        print(f"{size}: averager {r['averager_mean_ms']:.1f} ms (max "
-              f"{r['averager_max_ms']:.1f}) vs AdamW {r['adamw_mean_ms']:.1f} ms", flush=True)
+        for selector in args.selectors:
+            r = measure(size, args.steps, args.fraction, args.delay, selector, args.block_size)
+            rows.append(r)
+            print(f"{size} {selector}: averager {r['averager_mean_ms']:.1f} ms (max "
+                  f"{r['averager_max_ms']:.1f}) vs AdamW {r['adamw_mean_ms']:.1f} ms",
+                  flush=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(rows, f, indent=1)
     table = format_table(
-        [(r["size"], f"{r['parameters'] / 1e6:.1f} M", r["device"],
+        [(r["size"], r["selector"] + (f" {r['block_size']}" if r["block_size"] else ""),
+          f"{r['parameters'] / 1e6:.1f} M", r["device"],
           f"{r['adamw_mean_ms']:.1f}", f"{r['averager_mean_ms']:.1f}",
           f"{r['averager_max_ms']:.1f}", f"{r['mean_ratio']:.3f}",
           f"{r['max_ratio_to_mean_adamw']:.3f}",
           f"{r['selector_builds']} / {r['cycles_started']}",
           f"{r['state_bytes_per_parameter']:.1f}") for r in rows],
-        ("model", "parameters", "device", "AdamW ms", "averager ms (mean)", "averager ms (max)",
+        ("model", "selector", "parameters", "device", "AdamW ms", "averager ms (mean)", "averager ms (max)",
          "mean / AdamW", "max / AdamW", "selector draws / cycles", "state B/param"))
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(f"Sparse averager (p = {args.fraction}, tau = {args.delay}, ema, partition) "
+        f.write(f"Sparse averager (p = {args.fraction}, tau = {args.delay}, ema) "
                 f"vs AdamW on the same tensors, {args.steps} steps:\n\n{table}\n")
     print(table)
     return 0

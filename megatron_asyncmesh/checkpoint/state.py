@@ -16,6 +16,7 @@ the metadata, every checksum, the model shape and the layout before reading.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Dict, List, Optional, Tuple
@@ -29,6 +30,20 @@ from megatron_asyncmesh.options import ConfigError
 
 def _iter_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def saved_config(root: Optional[str]) -> Optional[dict]:
+    """The run configuration recorded by the latest complete checkpoint under ``root``
+    (None when there is none: :func:`load` reports what is wrong with it)."""
+    if not root:
+        return None
+    try:
+        with open(os.path.join(root, LATEST)) as f:
+            path = _iter_dir(root, int(f.read().strip()))
+        with open(os.path.join(path, META)) as f:
+            return json.load(f).get("config")
+    except (OSError, ValueError):
+        return None
 
 
 def _versions(cfg, model, model_sd, iteration: int,

@@ -24,6 +24,12 @@ step ``t`` each replica
 
 Selectors (ALGORITHMS.md section 3):
 
+- ``block`` (the default): ``partition`` over contiguous blocks of
+  ``block_size`` coordinates instead of single coordinates. The same coverage
+  (every coordinate exactly once per cycle, the replicas agree), but every
+  gather and scatter copies whole blocks sequentially and the cycle's
+  permutation is ``block_size`` times smaller, so a step costs about what it
+  sends.
 - ``partition``: per tensor and per cycle a random permutation cut into
   ``N = ceil(1 / fraction)`` contiguous groups; step ``t`` takes group
   ``t mod N``, so every coordinate is averaged exactly once per cycle of N
@@ -46,7 +52,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 CORRECTIONS = ("avg", "drift", "ema")
-SELECTORS = ("partition", "bernoulli")
+SELECTORS = ("block", "partition", "bernoulli")
 
 
 class AveragingError(ValueError):
@@ -58,7 +64,8 @@ class AveragingConfig:
     fraction: float = 0.05
     delay: int = 10
     correction: str = "ema"
-    selector: str = "partition"
+    selector: str = "block"
+    block_size: int = 1024           # coordinates per block (block selector)
     lam: float = 1.0
     seed: int = 1234
     ema_start: int = 1000            # m stays at ema_momentum_start until this step
@@ -82,6 +89,10 @@ class AveragingConfig:
         if self.selector not in SELECTORS:
             raise AveragingError(f"--dp-selector must be one of {list(SELECTORS)}, got "
                                  f"{self.selector!r}.")
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or \
+                self.block_size < 1:
+            raise AveragingError(f"--dp-block-size must be an integer >= 1 (coordinates per "
+                                 f"averaged block, e.g. 1024), got {self.block_size!r}.")
         for name in ("ema_momentum_start", "ema_momentum_end"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise AveragingError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
@@ -117,8 +128,77 @@ def _index_dtype(n: int) -> torch.dtype:
     return torch.int32 if n < 2 ** 31 else torch.int64
 
 
+class Coordinates:
+    """One tensor's selected coordinates as an index tensor (partition, bernoulli)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: torch.Tensor):
+        self.index = index
+
+    def numel(self) -> int:
+        return self.index.numel()
+
+    def gather(self, flat: torch.Tensor, out: torch.Tensor) -> None:
+        if flat.dtype == out.dtype:
+            torch.index_select(flat, 0, self.index, out=out)
+        else:
+            out.copy_(flat[self.index])
+
+    def scatter(self, flat: torch.Tensor, values: torch.Tensor) -> None:
+        flat[self.index] = values.to(flat.dtype)
+
+    def coordinates(self) -> torch.Tensor:
+        return self.index.long()
+
+
+class Blocks:
+    """One tensor's selected blocks: ``rows`` (sorted, on the parameters' device) of the
+    tensor viewed as ``[n // length, length]``, plus the short last block when it is
+    selected (``tail``). Gather and scatter copy whole contiguous blocks, one kernel
+    each, and every size is known on the host (no device synchronisation)."""
+
+    __slots__ = ("rows", "count", "length", "full", "tail", "n")
+
+    def __init__(self, rows: torch.Tensor, count: int, length: int, n: int, tail: bool):
+        self.rows, self.count, self.length, self.n, self.tail = rows, count, length, n, tail
+        self.full = n // length * length
+
+    def numel(self) -> int:
+        return self.count * self.length + (self.n - self.full if self.tail else 0)
+
+    def _matrix(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat[:self.full].view(-1, self.length)
+
+    def gather(self, flat: torch.Tensor, out: torch.Tensor) -> None:
+        k = self.count * self.length
+        if self.count:
+            target = out[:k].view(self.count, self.length)
+            if flat.dtype == out.dtype:
+                torch.index_select(self._matrix(flat), 0, self.rows, out=target)
+            else:
+                target.copy_(self._matrix(flat).index_select(0, self.rows))
+        if self.tail:
+            out[k:].copy_(flat[self.full:])
+
+    def scatter(self, flat: torch.Tensor, values: torch.Tensor) -> None:
+        k = self.count * self.length
+        if self.count:
+            self._matrix(flat).index_copy_(
+                0, self.rows, values[:k].view(self.count, self.length).to(flat.dtype))
+        if self.tail:
+            flat[self.full:].copy_(values[k:])
+
+    def coordinates(self) -> torch.Tensor:
+        rows = self.rows.long().cpu()
+        idx = (rows[:, None] * self.length + torch.arange(self.length)).view(-1)
+        if self.tail:
+            idx = torch.cat([idx, torch.arange(self.full, self.n)])
+        return idx
+
+
 class PartitionSelector:
-    """Disjoint groups per tensor, cycled; a fresh permutation every cycle."""
+    """Disjoint groups of coordinates per tensor, cycled; a fresh permutation every cycle."""
 
     def __init__(self, keys: Sequence[str], numels: Sequence[int], fraction: float, seed: int,
                  device: Optional[torch.device] = None):
@@ -141,12 +221,84 @@ class PartitionSelector:
             self._perms, self._cycle = perms, cycle
         return self._perms
 
-    def indices(self, step: int) -> List[torch.Tensor]:
+    def select(self, step: int) -> List[Coordinates]:
         cycle, group = divmod(step, self.groups)
         out = []
         for perm, n in zip(self.permutations(cycle), self.numels):
-            out.append(perm[group * n // self.groups:(group + 1) * n // self.groups])
+            out.append(Coordinates(
+                perm[group * n // self.groups:(group + 1) * n // self.groups]))
         return out
+
+    def held_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._perms)
+
+
+class BlockSelector:
+    """The partition selector over contiguous blocks of ``block_size`` coordinates: per
+    tensor and per cycle a random permutation of its blocks cut into N groups, step
+    ``t`` takes group ``t mod N`` (sorted). Each coordinate is averaged exactly once per
+    cycle, as with ``partition``, but every pass is a sequential copy of whole blocks
+    and the permutation is ``block_size`` times smaller. A cycle's groups are drawn on
+    the host and copied to the parameters' device once."""
+
+    def __init__(self, keys: Sequence[str], numels: Sequence[int], fraction: float, seed: int,
+                 device: Optional[torch.device] = None, block_size: int = 1024):
+        self.keys, self.numels = list(keys), list(numels)
+        self.seed, self.block_size = seed, block_size
+        self.groups = AveragingConfig(fraction=fraction).groups
+        self.device = device
+        self._cycle = -1
+        self._rows: Optional[torch.Tensor] = None      # every tensor's groups, concatenated
+        self._plan: List[List[Tuple[int, int, bool]]] = []   # [tensor][group] -> (start, count, tail)
+        self.builds = 0
+
+    def _build(self, cycle: int) -> None:
+        self.builds += 1
+        rows, plan, offset = [], [], 0
+        n_groups = self.groups
+        for key, n in zip(self.keys, self.numels):
+            full, tail = divmod(n, self.block_size)
+            blocks = full + (1 if tail else 0)
+            gen = torch.Generator().manual_seed(stable_seed(self.seed, key, "blocks", cycle))
+            perm = torch.randperm(blocks, generator=gen)
+            # Group g is perm[g * blocks // N : (g + 1) * blocks // N], sorted: one sort
+            # of (group, block) keys orders every group at once.
+            bounds = [g * blocks // n_groups for g in range(n_groups + 1)]
+            sizes = [bounds[g + 1] - bounds[g] for g in range(n_groups)]
+            group_of = torch.repeat_interleave(torch.arange(n_groups), torch.tensor(sizes))
+            ids = (group_of * blocks + perm).sort().values - group_of * blocks
+            tail_group = (int(group_of[int((perm == full).nonzero())]) if tail else -1)
+            if tail:                                  # the short block is its group's last
+                keep = torch.ones(blocks, dtype=torch.bool)
+                keep[bounds[tail_group + 1] - 1] = False
+                ids = ids[keep]
+            groups = []
+            for g in range(n_groups):
+                count = sizes[g] - (1 if g == tail_group else 0)
+                groups.append((offset, count, g == tail_group))
+                offset += count
+            rows.append(ids)
+            plan.append(groups)
+        host = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
+        if self.device is not None and self.device.type == "cuda":
+            # Pinned and non-blocking: the copy does not wait for the device's queue.
+            self._rows = host.pin_memory().to(self.device, non_blocking=True)
+        else:
+            self._rows = host.to(self.device)
+        self._plan, self._cycle = plan, cycle
+
+    def select(self, step: int) -> List[Blocks]:
+        cycle, group = divmod(step, self.groups)
+        if cycle != self._cycle:
+            self._build(cycle)
+        out = []
+        for n, groups in zip(self.numels, self._plan):
+            start, count, tail = groups[group]
+            out.append(Blocks(self._rows[start:start + count], count, self.block_size, n, tail))
+        return out
+
+    def held_bytes(self) -> int:
+        return 0 if self._rows is None else self._rows.numel() * self._rows.element_size()
 
 
 class BernoulliSelector:
@@ -157,18 +309,29 @@ class BernoulliSelector:
         self.keys, self.numels = list(keys), list(numels)
         self.fraction, self.seed, self.device = fraction, seed, device
 
-    def indices(self, step: int) -> List[torch.Tensor]:
+    def select(self, step: int) -> List[Coordinates]:
         out = []
         for key, n in zip(self.keys, self.numels):
             gen = torch.Generator().manual_seed(stable_seed(self.seed, key, "step", step))
             mask = torch.rand(n, generator=gen) < self.fraction
-            out.append(mask.nonzero().view(-1).to(_index_dtype(n)).to(self.device))
+            out.append(Coordinates(mask.nonzero().view(-1).to(_index_dtype(n)).to(self.device)))
         return out
+
+    def held_bytes(self) -> int:
+        return 0
 
 
 def make_selector(cfg: AveragingConfig, keys, numels, device=None):
+    if cfg.selector == "block":
+        return BlockSelector(keys, numels, cfg.fraction, cfg.seed, device, cfg.block_size)
     cls = PartitionSelector if cfg.selector == "partition" else BernoulliSelector
     return cls(keys, numels, cfg.fraction, cfg.seed, device)
+
+
+def selected_coordinates(selector, step: int) -> List[torch.Tensor]:
+    """Step ``step``'s coordinates per tensor as int64 index tensors (for replays and
+    tests; the averager itself gathers and scatters through the selections)."""
+    return [s.coordinates() for s in selector.select(step)]
 
 
 @dataclass
@@ -177,7 +340,7 @@ class _Pending:
     snapshot: torch.Tensor         # W_i^(t)[S_t], concatenated over tensors
     buffer: torch.Tensor           # being all-reduced (sum over replicas)
     work: object                   # the async handle (None once waited / restored)
-    indices: List[torch.Tensor]    # S_t per tensor, carried to the apply tau steps later
+    selection: list                # S_t per tensor, carried to the apply tau steps later
 
 
 class SparseAverager:
@@ -216,8 +379,9 @@ class SparseAverager:
         if cfg.correction == "ema":
             for j, p in enumerate(self.params):
                 self.ema[j] = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-                if cfg.selector != "partition":
+                if cfg.selector == "bernoulli":
                     self.seen[j] = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+        self._scratch: Dict[str, torch.Tensor] = {}   # per-step workspaces, reused
         self.steps = 0                 # optimizer steps seen (the next snapshot's t)
         self.elements_sent = 0
         self.bytes_sent = 0
@@ -250,15 +414,39 @@ class SparseAverager:
                     f"Launch every rank with the same --dp-* flags and --dp-seed / --seed.")
 
     # ------------------------------------------------------------------ per step
-    def _gather(self, indices: List[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([p.detach().view(-1)[i].float() for p, i in zip(self.params, indices)])
+    def _gather(self, selection: list, tensors: Optional[list] = None,
+                scratch: Optional[str] = None) -> torch.Tensor:
+        """The selected coordinates of ``tensors`` (default: the parameters) as one fp32
+        vector, copied straight into it (one copy per tensor, no concatenation); into the
+        reused workspace ``scratch`` when the result is only needed during this step."""
+        tensors = self.params if tensors is None else tensors
+        n = sum(s.numel() for s in selection)
+        device = tensors[0].device if tensors else None
+        if scratch is None:
+            out = torch.empty(n, dtype=torch.float32, device=device)
+        else:
+            held = self._scratch.get(scratch)
+            if held is None or held.numel() < n:
+                held = self._scratch[scratch] = torch.empty(
+                    n + n // 4, dtype=torch.float32, device=device)
+            out = held[:n]
+        offset = 0
+        for t, s in zip(tensors, selection):
+            n = s.numel()
+            if n:
+                s.gather(t.detach().view(-1), out[offset:offset + n])
+            offset += n
+        return out
 
-    def _scatter(self, indices: List[torch.Tensor], values: torch.Tensor) -> None:
+    def _scatter(self, selection: list, values: torch.Tensor,
+                 tensors: Optional[list] = None) -> None:
+        tensors = self.params if tensors is None else tensors
         offset = 0
         with torch.no_grad():
-            for p, i in zip(self.params, indices):
-                n = i.numel()
-                p.view(-1)[i] = values[offset:offset + n].to(p.dtype)
+            for t, s in zip(tensors, selection):
+                n = s.numel()
+                if n:
+                    s.scatter(t.view(-1), values[offset:offset + n])
                 offset += n
 
     def step(self) -> int:
@@ -266,13 +454,13 @@ class SparseAverager:
         Returns the bytes this rank handed to the all-reduce in this step."""
         t = self.steps
         self.steps += 1
-        indices = self.selector.indices(t)
-        snapshot = self._gather(indices)
+        selection = self.selector.select(t)
+        snapshot = self._gather(selection)
         buffer = snapshot.clone()
         work = None
         if self.world > 1:
             work = self.comm.all_reduce(buffer, group=self.group, async_op=True)
-        self.pending.append(_Pending(t, snapshot, buffer, work, indices))
+        self.pending.append(_Pending(t, snapshot, buffer, work, selection))
         self.last_step_bytes = buffer.numel() * buffer.element_size() if self.world > 1 else 0
         self.elements_sent += buffer.numel() if self.world > 1 else 0
         self.bytes_sent += self.last_step_bytes
@@ -284,35 +472,44 @@ class SparseAverager:
         if item.work is not None:
             item.work.wait()
             item.work = None
-        indices = item.indices
-        average = item.buffer / self.world
+        # In place on the item's buffer and two reused workspaces: no per-step allocation
+        # besides the new snapshot. Each operation rounds exactly as the out-of-place
+        # formulas of the module docstring would.
+        selection = item.selection
+        new = item.buffer.div_(self.world)                     # the average A
         cfg = self.cfg
-        if cfg.correction == "avg":
-            new = average
-        else:
-            drift = self._gather(indices) - item.snapshot
-            if cfg.correction == "drift":
-                new = average + cfg.lam * drift
-            else:
-                m = cfg.momentum(now)
-                ema = self._update_ema(indices, drift, m, item.step)
-                new = average + cfg.lam * ema
-        self._scatter(indices, new)
+        if cfg.correction != "avg":
+            drift = self._gather(selection, scratch="drift").sub_(item.snapshot)
+            correction = (drift if cfg.correction == "drift" else
+                          self._update_ema(selection, drift, cfg.momentum(now), item.step))
+            if cfg.lam != 1.0:
+                correction.mul_(cfg.lam)
+            new.add_(correction)
+        self._scatter(selection, new)
         if self.after_apply is not None:
             self.after_apply()
 
-    def _update_ema(self, indices, drift: torch.Tensor, m: float, step: int) -> torch.Tensor:
+    def _update_ema(self, selection, drift: torch.Tensor, m: float, step: int) -> torch.Tensor:
+        """The drift EMA at the selected coordinates, updated with ``drift``. Partition and
+        block selectors: a coordinate applied past the first cycle was seen before, so the
+        whole selection updates in one pass; Bernoulli keeps a seen mask."""
+        ema = [self.ema[j] for j in range(len(self.params))]
+        if not self.seen:
+            if step >= self.cfg.groups:
+                e = self._gather(selection, ema, scratch="ema").mul_(m).add_(
+                    drift.mul_(1.0 - m))
+            else:
+                e = drift
+            self._scatter(selection, e, ema)
+            return e
         out, offset = [], 0
-        past_first_cycle = step >= self.cfg.groups
-        for j, (p, idx) in enumerate(zip(self.params, indices)):
+        for j, s in enumerate(selection):
+            idx = s.index
             n = idx.numel()
             d = drift[offset:offset + n]
             offset += n
-            if j in self.seen:
-                e = torch.where(self.seen[j][idx], m * self.ema[j][idx] + (1.0 - m) * d, d)
-                self.seen[j][idx] = True
-            else:
-                e = m * self.ema[j][idx] + (1.0 - m) * d if past_first_cycle else d
+            e = torch.where(self.seen[j][idx], m * self.ema[j][idx] + (1.0 - m) * d, d)
+            self.seen[j][idx] = True
             self.ema[j][idx] = e
             out.append(e)
         return torch.cat(out) if out else drift
@@ -357,7 +554,7 @@ class SparseAverager:
             mask.fill_(True)
         else:
             for s in range(applied):
-                mask[self.selector.indices(s)[j]] = True
+                mask[self.selector.select(s)[j].coordinates().to(mask.device)] = True
         return mask
 
     def state_template(self, steps: int) -> dict:
@@ -366,7 +563,7 @@ class SparseAverager:
         device = self.params[0].device if self.params else None
         state = {"counters": torch.zeros(3, dtype=torch.int64)}
         for s in range(max(0, steps - self.cfg.delay), steps):
-            n = sum(int(i.numel()) for i in self.selector.indices(s))
+            n = sum(sel.numel() for sel in self.selector.select(s))
             state[f"pending.{s}.snapshot"] = torch.empty(n, device=device)
             state[f"pending.{s}.buffer"] = torch.empty(n, device=device)
         for j in self.ema:
@@ -381,7 +578,7 @@ class SparseAverager:
                          if k.startswith("pending.") and k.endswith(".snapshot"))
         self.pending = deque(_Pending(s, state[f"pending.{s}.snapshot"],
                                       state[f"pending.{s}.buffer"], None,
-                                      self.selector.indices(s)) for s in pending)
+                                      self.selector.select(s)) for s in pending)
         for j in self.ema:
             self.ema[j].copy_(state[f"ema.{self.keys[j]}"])
             if j in self.seen:
@@ -389,18 +586,16 @@ class SparseAverager:
 
     def state_bytes_per_parameter(self) -> float:
         """Bytes the averager keeps per parameter besides the pending averages: the drift
-        EMA, the seen mask (Bernoulli) and the selector's current permutations."""
+        EMA, the seen mask (Bernoulli) and the selector's current cycle."""
         numel = sum(p.numel() for p in self.params) or 1
         held = sum(t.numel() * t.element_size() for t in self.ema.values())
         held += sum(t.numel() * t.element_size() for t in self.seen.values())
-        held += sum(t.numel() * t.element_size() for t in getattr(self.selector, "_perms", []))
-        return held / numel
+        return (held + self.selector.held_bytes()) / numel
 
     def pending_bytes_per_parameter(self) -> float:
         numel = sum(p.numel() for p in self.params) or 1
         return sum(i.snapshot.numel() * i.snapshot.element_size()
                    + i.buffer.numel() * i.buffer.element_size()
-                   + sum(x.numel() * x.element_size() for x in i.indices)
                    for i in self.pending) / numel
 
     def stats(self) -> dict:

@@ -24,9 +24,14 @@ class DataParallelConfig:
     dp_correction: str = option(
         "ema", "avg: W[S] <- A (AsyncSPARTA); drift: A + lambda D; ema: A + lambda EMA(D) "
         "(AsyncMesh)", "parallel", ("avg", "drift", "ema"))
-    dp_selector: str = option("partition", "partition: disjoint groups cycled (each "
-                              "coordinate once per ceil(1/p) steps); bernoulli: random p per "
-                              "step", "parallel", ("partition", "bernoulli"))
+    dp_selector: str = option(
+        "auto", "block: disjoint groups of contiguous --dp-block-size blocks cycled (each "
+        "coordinate once per ceil(1/p) steps, sequential copies); partition: the same over "
+        "single coordinates; bernoulli: random p per step; auto: block for a new run, the "
+        "checkpoint's selector when resuming", "parallel",
+        ("auto", "block", "partition", "bernoulli"))
+    dp_block_size: int = option(1024, "coordinates per averaged block (--dp-selector block)",
+                                "parallel")
     dp_lambda: float = option(1.0, "weight of the drift correction (lambda)", "parallel")
     dp_seed: Optional[int] = option(None, "selector seed shared by the replicas (default "
                                     "--seed)", "parallel")
@@ -43,6 +48,36 @@ class DataParallelConfig:
         averaging_config(self, seed, train_iters)
 
 
+# What --dp-selector auto means for a run that does not resume. Checkpoints record the
+# resolved name; those written before the block selector existed record "partition".
+SELECTOR_FOR_NEW_RUNS = "block"
+
+
+def resolve_selector(cfg: DataParallelConfig, saved: Optional[dict], where: str) -> None:
+    """Settle ``--dp-selector auto`` (and check an explicit one) against the config a
+    resumed checkpoint recorded (``saved``; None for a new run). The selector fixes which
+    coordinates every pending average and the drift EMA hold, so a run continues with
+    the selector it was saved with."""
+    if cfg.dp_averaging != "sparse":
+        return
+    if saved is None or saved.get("dp_averaging") != "sparse":
+        if cfg.dp_selector == "auto":
+            cfg.dp_selector = SELECTOR_FOR_NEW_RUNS
+        return
+    mine = (cfg.dp_selector, cfg.dp_block_size)
+    theirs = (saved.get("dp_selector", "partition"), saved.get("dp_block_size", 1024))
+    if cfg.dp_selector == "auto":
+        cfg.dp_selector, cfg.dp_block_size = theirs
+    elif mine[0] != theirs[0] or (mine[0] == "block" and mine[1] != theirs[1]):
+        raise ConfigError(
+            f"{where} was saved with --dp-selector {theirs[0]}"
+            + (f" --dp-block-size {theirs[1]}" if theirs[0] == "block" else "")
+            + f", this run asks for --dp-selector {mine[0]}"
+            + (f" --dp-block-size {mine[1]}" if mine[0] == "block" else "")
+            + ": its pending averages and drift EMA hold that selector's coordinates. "
+              f"Resume with --dp-selector auto (or {theirs[0]}).")
+
+
 def averaging_config(cfg: DataParallelConfig, seed: int,
                      train_iters: int) -> Optional[AveragingConfig]:
     """The averager's AveragingConfig for ``--dp-averaging sparse`` (None for synchronous
@@ -52,7 +87,8 @@ def averaging_config(cfg: DataParallelConfig, seed: int,
     try:
         return AveragingConfig(
             fraction=cfg.dp_fraction, delay=cfg.dp_delay, correction=cfg.dp_correction,
-            selector=cfg.dp_selector, lam=cfg.dp_lambda,
+            selector=SELECTOR_FOR_NEW_RUNS if cfg.dp_selector == "auto" else cfg.dp_selector,
+            block_size=cfg.dp_block_size, lam=cfg.dp_lambda,
             seed=seed if cfg.dp_seed is None else cfg.dp_seed,
             ema_start=cfg.dp_ema_start, ema_anneal_iters=cfg.dp_ema_anneal_iters,
             train_iters=train_iters).validate()

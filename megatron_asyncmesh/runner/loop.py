@@ -27,9 +27,11 @@ from megatron.core import parallel_state
 
 from megatron_asyncmesh import cpu_compat
 from megatron_asyncmesh import distributed as mdist
+from megatron_asyncmesh.checkpoint.state import saved_config
 from megatron_asyncmesh.data.datasets import (
     build_run_datasets, eval_microbatches, resolve_data, train_iterator)
 from megatron_asyncmesh.data.indexed import DatasetError
+from megatron_asyncmesh.dataparallel.config import resolve_selector
 from megatron_asyncmesh.metrics import (
     SUMMARY_KEYS, RunWriter, final_table, peak_rss_mb, plot_losses)
 from megatron_asyncmesh.options import ConfigError
@@ -45,6 +47,7 @@ def run(cfg, engine_cls, **engine_kwargs) -> dict:
     rank = dist.get_rank()
     num_microbatches = cfg.num_microbatches(dp)
     resolve_data(cfg)
+    resolve_selector(cfg, saved_config(cfg.load), f"--load {cfg.load!r}")
     needs_data = engine_cls.needs_data()
     dp_rank = parallel_state.get_data_parallel_rank()
     gb = cfg.global_batch_size
