@@ -99,6 +99,46 @@ def test_selection_is_drawn_once_per_cycle_and_the_state_is_small(kind):
     assert avg.seen == {}
 
 
+@pytest.mark.parametrize("case", [{"selector": "block", "block_size": 4},
+                                  {"selector": "partition", "dense_iters": 3},
+                                  {"selector": "bernoulli", "dense_iters": 2}])
+def test_averager_state_round_trip(case):
+    """state_dict -> state_template -> load_state_dict mid-run (pending averages of two
+    cycles, the EMA within and past its first cycle, after a dense warm start) continues
+    exactly as the averager that was not interrupted."""
+
+    class OneRank:
+        @staticmethod
+        def get_world_size(group=None):
+            return 1
+
+    cfg = dict(fraction=0.3, delay=3, correction="ema", ema_start=2, train_iters=20, **case)
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(n, generator=gen) for n in (91, 13, 39, 3)]
+    steps = [[torch.randn(n, generator=gen) for n in (91, 13, 39, 3)] for _ in range(14)]
+
+    def run(stop=None):
+        params = [("w%d" % i, t.clone()) for i, t in enumerate(start)]
+        avg = SparseAverager(params, AveragingConfig(**cfg), comm=OneRank())
+        for t, update in enumerate(steps):
+            if t == stop:
+                state = {k: v.clone() for k, v in avg.state_dict().items()}
+                template = SparseAverager(params, AveragingConfig(**cfg),
+                                          comm=OneRank()).state_template(t)
+                assert {k: (v.shape, v.dtype) for k, v in template.items()} == \
+                    {k: (v.shape, v.dtype) for k, v in state.items()}
+                avg = SparseAverager(params, AveragingConfig(**cfg), comm=OneRank())
+                avg.load_state_dict(state)
+            for (_, p), u in zip(params, update):
+                p.add_(u, alpha=0.1)
+            avg.step()
+        return [p for _, p in params]
+
+    straight = run()
+    for stop in (4, 6, 9):
+        assert all(torch.equal(a, b) for a, b in zip(run(stop), straight)), stop
+
+
 def test_resumed_runs_keep_their_selector():
     """--dp-selector auto: block for a new run, the checkpoint's selector on resume
     (checkpoints from before the block selector record partition); an explicit selector
@@ -147,7 +187,14 @@ def simulate(case: dict, steps: int, world: int = 2):
     for t in range(steps):
         for r in range(world):
             train_step(models[r], opts[r], r, t)
-        idx = selected_coordinates(selector, t)
+        if t < cfg.dense_iters:                 # warm start: every parameter, now
+            for j in range(len(params[0])):
+                mean = (params[0][j].data + sum(params[r][j].data for r in range(1, world))
+                        ) / world
+                for r in range(world):
+                    params[r][j].data.copy_(mean)
+            continue
+        idx = selected_coordinates(selector, t - cfg.dense_iters)   # sparse steps
         queue.append((t, idx, [[p.detach().view(-1)[i].clone() for p, i in zip(params[r], idx)]
                                for r in range(world)]))
         while queue and queue[0][0] + cfg.delay <= t:
@@ -187,6 +234,9 @@ CASES = [
     # Blocks of 4: whole blocks and short last blocks of the 91, 13, 39 and 3 weights.
     {"fraction": 0.3, "delay": 3, "correction": "ema", "ema_start": 4, "ema_anneal_iters": 5,
      "selector": "block", "block_size": 4},
+    # A synchronous warm start of 3 dense steps, then the block selector.
+    {"fraction": 0.3, "delay": 3, "correction": "ema", "selector": "block", "block_size": 4,
+     "dense_iters": 3},
 ]
 STEPS = 12
 

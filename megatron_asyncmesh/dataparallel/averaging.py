@@ -20,7 +20,9 @@ step ``t`` each replica
      cosine-annealed to 0.99 from ``ema_start`` on.
 
 ``fraction = 1, delay = 0, avg`` is plain parameter averaging every step;
-``delay = 0`` with random subsets is SPARTA.
+``delay = 0`` with random subsets is SPARTA. ``dense_iters`` (a synchronous warm
+start) averages every parameter at once for the first steps, then the sparse
+averaging takes over.
 
 Selectors (ALGORITHMS.md section 3):
 
@@ -73,6 +75,7 @@ class AveragingConfig:
     ema_momentum_start: float = 0.5
     ema_momentum_end: float = 0.99
     train_iters: int = 0             # only to resolve ema_anneal_iters = 0
+    dense_iters: int = 0             # steps 0 .. dense_iters-1: every parameter, tau = 0
 
     def validate(self) -> "AveragingConfig":
         if not (isinstance(self.fraction, (int, float)) and 0.0 < self.fraction <= 1.0):
@@ -96,6 +99,11 @@ class AveragingConfig:
         for name in ("ema_momentum_start", "ema_momentum_end"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise AveragingError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+        if not isinstance(self.dense_iters, int) or isinstance(self.dense_iters, bool) or \
+                self.dense_iters < 0:
+            raise AveragingError(f"--dp-dense-warmup-iters must be an integer >= 0 (steps of "
+                                 f"dense synchronous averaging before the sparse one), got "
+                                 f"{self.dense_iters!r}.")
         if self.ema_start < 0 or self.ema_anneal_iters < 0:
             raise AveragingError(
                 f"--dp-ema-start and --dp-ema-anneal-iters must be >= 0, got "
@@ -454,7 +462,9 @@ class SparseAverager:
         Returns the bytes this rank handed to the all-reduce in this step."""
         t = self.steps
         self.steps += 1
-        selection = self.selector.select(t)
+        if t < self.cfg.dense_iters:
+            return self._dense_step()
+        selection = self._select(t)
         snapshot = self._gather(selection)
         buffer = snapshot.clone()
         work = None
@@ -467,6 +477,30 @@ class SparseAverager:
         while self.pending and self.pending[0].step + self.cfg.delay <= t:
             self._apply(self.pending.popleft(), t)
         return self.last_step_bytes
+
+    def _select(self, step: int) -> list:
+        """Step ``step``'s selection. The selector counts sparse steps, so its first
+        cycle starts with the sparse averaging (after any dense warm-up) and every
+        coordinate has been applied once by the end of it."""
+        return self.selector.select(step - self.cfg.dense_iters)
+
+    def _dense_step(self) -> int:
+        """A warm-up step: every parameter replaced by the replicas' mean now (p = 1,
+        tau = 0, avg; a blocking all-reduce per tensor, in place)."""
+        sent = 0
+        if self.world > 1:
+            with torch.no_grad():
+                for p in self.params:
+                    flat = p.detach().view(-1)
+                    self.comm.all_reduce(flat, group=self.group)
+                    flat.div_(self.world)
+                    sent += flat.numel() * flat.element_size()
+            if self.after_apply is not None:
+                self.after_apply()
+        self.last_step_bytes = sent
+        self.elements_sent += sum(p.numel() for p in self.params) if self.world > 1 else 0
+        self.bytes_sent += sent
+        return sent
 
     def _apply(self, item: _Pending, now: int) -> None:
         if item.work is not None:
@@ -495,7 +529,7 @@ class SparseAverager:
         whole selection updates in one pass; Bernoulli keeps a seen mask."""
         ema = [self.ema[j] for j in range(len(self.params))]
         if not self.seen:
-            if step >= self.cfg.groups:
+            if step >= self.cfg.dense_iters + self.cfg.groups:     # seen one cycle ago
                 e = self._gather(selection, ema, scratch="ema").mul_(m).add_(
                     drift.mul_(1.0 - m))
             else:
@@ -550,11 +584,12 @@ class SparseAverager:
         applied = self.steps - len(self.pending)        # steps 0 .. applied-1 were applied
         p = self.params[j]
         mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
-        if applied >= self.cfg.groups:
+        first = self.cfg.dense_iters                     # the first sparse step
+        if applied >= first + self.cfg.groups:
             mask.fill_(True)
         else:
-            for s in range(applied):
-                mask[self.selector.select(s)[j].coordinates().to(mask.device)] = True
+            for s in range(first, applied):
+                mask[self._select(s)[j].coordinates().to(mask.device)] = True
         return mask
 
     def state_template(self, steps: int) -> dict:
@@ -562,8 +597,8 @@ class SparseAverager:
         checkpoint loader needs before reading)."""
         device = self.params[0].device if self.params else None
         state = {"counters": torch.zeros(3, dtype=torch.int64)}
-        for s in range(max(0, steps - self.cfg.delay), steps):
-            n = sum(sel.numel() for sel in self.selector.select(s))
+        for s in range(max(self.cfg.dense_iters, steps - self.cfg.delay), steps):
+            n = sum(sel.numel() for sel in self._select(s))
             state[f"pending.{s}.snapshot"] = torch.empty(n, device=device)
             state[f"pending.{s}.buffer"] = torch.empty(n, device=device)
         for j in self.ema:
@@ -578,7 +613,7 @@ class SparseAverager:
                          if k.startswith("pending.") and k.endswith(".snapshot"))
         self.pending = deque(_Pending(s, state[f"pending.{s}.snapshot"],
                                       state[f"pending.{s}.buffer"], None,
-                                      self.selector.select(s)) for s in pending)
+                                      self._select(s)) for s in pending)
         for j in self.ema:
             self.ema[j].copy_(state[f"ema.{self.keys[j]}"])
             if j in self.seen:

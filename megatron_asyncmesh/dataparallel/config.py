@@ -39,6 +39,10 @@ class DataParallelConfig:
                                "0.5 -> 0.99", "parallel")
     dp_ema_anneal_iters: int = option(0, "length of that annealing (0 = to the end of "
                                       "training)", "parallel")
+    dp_dense_warmup_iters: int = option(
+        0, "a synchronous warm start: for the first N steps every parameter is averaged "
+        "over the replicas every step (p = 1, tau = 0, a blocking all-reduce), then the "
+        "sparse averaging starts", "parallel")
     dp_final_average: bool = option(
         True, "at the end of training replace every replica by the replicas' mean, so the "
         "last checkpoint and every export hold one model", "parallel")
@@ -91,6 +95,7 @@ def averaging_config(cfg: DataParallelConfig, seed: int,
             block_size=cfg.dp_block_size, lam=cfg.dp_lambda,
             seed=seed if cfg.dp_seed is None else cfg.dp_seed,
             ema_start=cfg.dp_ema_start, ema_anneal_iters=cfg.dp_ema_anneal_iters,
+            dense_iters=cfg.dp_dense_warmup_iters,
             train_iters=train_iters).validate()
     except AveragingError as exc:
         raise ConfigError(str(exc)) from None
