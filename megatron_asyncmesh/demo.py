@@ -5,11 +5,12 @@
 2. Trains the same small GPT on the same tokens twice on CPU, PP = 2 x DP = 2,
    four ranks started by ``torchrun`` each time:
 
-   - ``sync``: synchronous Megatron, the pipeline flushed every step (1F1B) and
-     the gradients all-reduced over the replicas;
-   - ``mesh``: the fully asynchronous mesh of ``launch/configs/mesh.yaml``, no
-     pipeline flush (``2bw``) and no gradient all-reduce (sparse, delayed
-     parameter averaging), with the same optimizer family.
+   - ``mesh``: the fully asynchronous mesh of ``launch/configs/mesh.yaml`` (the
+     recommended recipe), no pipeline flush (``2bw``) and no gradient all-reduce
+     (sparse, delayed parameter averaging);
+   - ``sync``: the same config with both synchronisations put back: synchronous
+     Megatron, the pipeline flushed every step (1F1B) and the gradients
+     all-reduced over the replicas; the same optimizer and hyperparameters.
 3. Ends with one table (validation loss of each run and the mesh's consensus
    loss, tokens/s, bytes per step on each axis, measured pipeline utilisation)
    and one plot of both runs' losses (``comparison.md / .json / .png``); each
@@ -30,7 +31,10 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# What turns the mesh recipe into its synchronous reference (the optimizer stays).
+CONFIGS = os.path.join(REPO, "launch", "configs")
+# What turns the mesh recipe into its synchronous reference: the pipeline flush and the
+# gradient all-reduce come back (error feedback corrects a delay there is no more of);
+# the optimizer and every hyperparameter stay.
 SYNC = ["--pipeline-schedule", "flush", "--dp-averaging", "none",
         "--delay-error-feedback", "0"]
 RUNS = {"sync": ("synchronous Megatron (1F1B flush + gradient all-reduce)", SYNC),
@@ -40,11 +44,12 @@ RUNS = {"sync": ("synchronous Megatron (1F1B flush + gradient all-reduce)", SYNC
 def _launch(name: str, args, train_args, run_dir: str) -> int:
     from megatron_asyncmesh.distributed import free_port
 
+    config = ["--config", args.config, *RUNS[name][1]]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "megatron_asyncmesh.train", "--config", args.config,
+           "-m", "megatron_asyncmesh.train", *config,
            "--data-path", args.data_path, "--tokenizer-model", args.tokenizer_model,
-           "--run-dir", run_dir, *RUNS[name][1], *train_args]
+           "--run-dir", run_dir, *train_args]
     print(f"[demo] {name}: {RUNS[name][0]}\n[demo] launching {args.nproc} CPU ranks: "
           f"{' '.join(cmd[1:])}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -76,7 +81,7 @@ def comparison(run_dirs: dict) -> dict:
                     else _mean(s["grad_all_reduce_bytes_per_step"]))
         pp = s["pipeline_model_parallel_size"]
         rows[name] = {
-            "run": RUNS.get(name, (name,))[0], "run_dir": run_dir,
+            "run": RUNS[name][0] if name in RUNS else name, "run_dir": run_dir,
             "pipeline_schedule": s["pipeline_schedule"], "optimizer": s["optimizer"],
             "dp_averaging": s["dp_averaging"],
             "final_val_loss": s["final_val_loss"],
@@ -149,7 +154,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="asyncmesh-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, default=4, help="ranks to start (PP x DP)")
-    parser.add_argument("--config", default=os.path.join(REPO, "launch", "configs", "mesh.yaml"))
+    parser.add_argument("--config", default=os.path.join(CONFIGS, "mesh.yaml"),
+                        help="the mesh's config (default: the recommended recipe); the "
+                             "synchronous run is the same config with both "
+                             "synchronisations back")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS),
                         help="which runs to train (default: both)")
     parser.add_argument("--data-path", default=None,

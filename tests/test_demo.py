@@ -36,3 +36,4 @@ def test_demo_compares_sync_and_mesh(tmp_path, tiny_data):
     table = open(os.path.join(root, "comparison.md")).read()
     assert "consensus val loss" in table and table.count("\n") == 4
     assert os.path.getsize(os.path.join(root, "comparison.png")) > 1000
+
