@@ -67,8 +67,10 @@ if [ ! -f "$venv/.asyncmesh-complete" ] || [ "$(cat "$venv/.asyncmesh-complete")
   echo "$key" > "$venv/.asyncmesh-complete"
 fi
 
-# Point the environment at this checkout (cheap; the deps are already there).
-current="$("$venv/bin/python" -c 'import megatron_asyncmesh, os; print(os.path.dirname(os.path.dirname(megatron_asyncmesh.__file__)))' 2>/dev/null || true)"
+# Point the environment at this checkout (cheap; the deps are already there). -P: ask
+# where the installed package lives, not the one in the current directory (a second
+# clone run from its own root would otherwise look installed and run the first one).
+current="$("$venv/bin/python" -P -c 'import megatron_asyncmesh, os; print(os.path.dirname(os.path.dirname(megatron_asyncmesh.__file__)))' 2>/dev/null || true)"
 if [ "$current" != "$here" ] || [ ! -x "$venv/bin/asyncmesh-train" ]; then
   log "installing this checkout ($here) in editable mode"
   (cd "$here" && "$venv/bin/python" -m pip install --disable-pip-version-check -q \
