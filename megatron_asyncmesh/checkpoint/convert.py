@@ -39,7 +39,7 @@ from megatron_asyncmesh.checkpoint import state as ckpt
 from megatron_asyncmesh.checkpoint.deepspeed import DS_CONFIG
 from megatron_asyncmesh.checkpoint.hf import PROJECT_CONFIG
 from megatron_asyncmesh.checkpoint.integrity import (
-    LATEST, META, CheckpointError, saved_transformer_impl, verify)
+    LATEST, META, CheckpointError, latest_iteration_dir, saved_transformer_impl, verify)
 from megatron_asyncmesh.config import TrainConfig, config_from_dict
 from megatron_asyncmesh.model import build_gpt_stage
 from megatron_asyncmesh.options import ConfigError
@@ -55,10 +55,9 @@ def iteration_dir(path: str) -> str:
     ``iter_XXXXXXX`` directory -> the iteration directory."""
     if os.path.isfile(os.path.join(path, META)):
         return path
-    latest = os.path.join(path, LATEST)
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            return os.path.join(path, f"iter_{int(f.read().strip()):07d}")
+    latest = latest_iteration_dir(path)
+    if latest is not None:
+        return latest
     if os.path.isdir(path) and os.path.basename(path.rstrip("/")).startswith("iter_"):
         verify(path)                      # raises the precise reason (no metadata)
     raise CheckpointError(

@@ -39,6 +39,20 @@ LAYOUT_FIELDS = ("pipeline_model_parallel_size", "pipeline_schedule", "dp_averag
                  "data_parallel_size")
 
 
+def iter_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration_dir(root: str) -> Optional[str]:
+    """The iteration directory ``root``'s latest-iteration file points at (None when
+    there is no such file: nothing complete was saved there)."""
+    latest = os.path.join(root, LATEST)
+    if not os.path.isfile(latest):
+        return None
+    with open(latest) as f:
+        return iter_dir(root, int(f.read().strip()))
+
+
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
 

@@ -24,22 +24,18 @@ from typing import Dict, List, Optional, Tuple
 import torch.distributed as dist
 
 from megatron_asyncmesh.checkpoint.integrity import (
-    LATEST, META, checksum_files, data_parallel_size, verify, write_meta)
+    LATEST, META, checksum_files, data_parallel_size, iter_dir, latest_iteration_dir,
+    verify, write_meta)
 from megatron_asyncmesh.model import unwrap_model
 from megatron_asyncmesh.options import ConfigError
-
-def _iter_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
 
 def saved_config(root: Optional[str]) -> Optional[dict]:
     """The run configuration recorded by the latest complete checkpoint under ``root``
     (None when there is none: :func:`load` reports what is wrong with it)."""
-    if not root:
-        return None
     try:
-        with open(os.path.join(root, LATEST)) as f:
-            path = _iter_dir(root, int(f.read().strip()))
+        path = latest_iteration_dir(root) if root else None
+        if path is None:
+            return None
         with open(os.path.join(path, META)) as f:
             return json.load(f).get("config")
     except (OSError, ValueError):
@@ -143,7 +139,7 @@ def save(cfg, model, optimizer, scheduler, iteration: int,
     are saved too; ``averager``: sparse data-parallel averaging (see :func:`_state`)."""
     from megatron.core import dist_checkpointing
 
-    final = _iter_dir(cfg.save, iteration)
+    final = iter_dir(cfg.save, iteration)
     partial = final + ".partial"
     if dist.get_rank() == 0:
         os.makedirs(cfg.save, exist_ok=True)
@@ -193,7 +189,7 @@ def complete_iterations(root: str) -> List[int]:
 def _keep_last(root: str, keep: int) -> None:
     if keep > 0:
         for it in complete_iterations(root)[:-keep]:
-            shutil.rmtree(_iter_dir(root, it), ignore_errors=True)
+            shutil.rmtree(iter_dir(root, it), ignore_errors=True)
 
 
 def load(cfg, model, optimizer, scheduler,
@@ -206,16 +202,10 @@ def load(cfg, model, optimizer, scheduler,
     another pipeline size."""
     from megatron.core import dist_checkpointing
 
-    if iteration_path is None:
-        latest = os.path.join(cfg.load, LATEST)
-        if not os.path.isfile(latest):
-            raise ConfigError(f"--load {cfg.load!r}: no {LATEST} there, so no complete "
-                              f"checkpoint to resume from.")
-        with open(latest) as f:
-            iteration = int(f.read().strip())
-        path = _iter_dir(cfg.load, iteration)
-    else:
-        path = iteration_path
+    path = iteration_path or latest_iteration_dir(cfg.load)
+    if path is None:
+        raise ConfigError(f"--load {cfg.load!r}: no {LATEST} there, so no complete "
+                          f"checkpoint to resume from.")
     meta = verify(path, cfg, unwrap_model(model).vocab_size, data_parallel_size(),
                   reshard=reshard)
     iteration = meta["iteration"]

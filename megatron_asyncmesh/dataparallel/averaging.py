@@ -428,16 +428,16 @@ class SparseAverager:
         vector, copied straight into it (one copy per tensor, no concatenation); into the
         reused workspace ``scratch`` when the result is only needed during this step."""
         tensors = self.params if tensors is None else tensors
-        n = sum(s.numel() for s in selection)
+        total = sum(s.numel() for s in selection)
         device = tensors[0].device if tensors else None
         if scratch is None:
-            out = torch.empty(n, dtype=torch.float32, device=device)
+            out = torch.empty(total, dtype=torch.float32, device=device)
         else:
             held = self._scratch.get(scratch)
-            if held is None or held.numel() < n:
+            if held is None or held.numel() < total:
                 held = self._scratch[scratch] = torch.empty(
-                    n + n // 4, dtype=torch.float32, device=device)
-            out = held[:n]
+                    total + total // 4, dtype=torch.float32, device=device)
+            out = held[:total]
         offset = 0
         for t, s in zip(tensors, selection):
             n = s.numel()
@@ -527,8 +527,8 @@ class SparseAverager:
         """The drift EMA at the selected coordinates, updated with ``drift``. Partition and
         block selectors: a coordinate applied past the first cycle was seen before, so the
         whole selection updates in one pass; Bernoulli keeps a seen mask."""
-        ema = [self.ema[j] for j in range(len(self.params))]
         if not self.seen:
+            ema = [self.ema[j] for j in range(len(self.params))]
             if step >= self.cfg.dense_iters + self.cfg.groups:     # seen one cycle ago
                 e = self._gather(selection, ema, scratch="ema").mul_(m).add_(
                     drift.mul_(1.0 - m))
