@@ -24,7 +24,7 @@ import yaml
 
 from megatron_asyncmesh.checkpoint.config import CheckpointConfig
 from megatron_asyncmesh.data.config import DataConfig
-from megatron_asyncmesh.dataparallel.config import DataParallelConfig
+from megatron_asyncmesh.dataparallel.config import DataParallelConfig, check_ranks_per_replica
 from megatron_asyncmesh.distributed import ParallelConfig
 from megatron_asyncmesh.model import ModelConfig
 from megatron_asyncmesh.optim.config import OptimConfig
@@ -67,12 +67,22 @@ class TrainConfig(RunConfig, CheckpointConfig, DataConfig, OptimConfig, DataPara
                 f"makes the pipeline synchronous again.")
         if self.dp_averaging == "sparse":
             for name in ("use_distributed_optimizer", "use_layer_wise_distributed_optimizer"):
-                if getattr(self, name):
+                if not getattr(self, name):
+                    continue
+                if self.dp_ranks_per_replica == 1:
                     raise ConfigError(
-                        f"--dp-averaging sparse cannot be combined with --{flag(name)}: "
-                        f"that shards optimizer state over the data-parallel replicas, which "
-                        f"sparse averaging keeps independent (each replica needs its whole "
-                        f"optimizer state). Drop --{flag(name)}, or use --dp-averaging none.")
+                        f"--dp-averaging sparse with --{flag(name)} needs replicas of several "
+                        f"ranks (--dp-ranks-per-replica R > 1): it shards optimizer state "
+                        f"over data-parallel ranks, and with one rank per replica those are "
+                        f"the replicas sparse averaging keeps independent. Add "
+                        f"--dp-ranks-per-replica 2 (or more), or drop --{flag(name)}.")
+                if self.bf16:
+                    raise ConfigError(
+                        f"--dp-averaging sparse with --{flag(name)} and --bf16: the sharded "
+                        f"optimizer keeps each fp32 main parameter on one rank of the "
+                        f"replica only, and the averaging corrects whole main parameters on "
+                        f"every rank. Train in fp32 with --{flag(name)}, or drop it under "
+                        f"--bf16 (the replicated optimizer works with every precision).")
         self.check_warmup(self.train_iters)
 
     def validate_world(self, world_size: int) -> int:
@@ -88,6 +98,8 @@ class TrainConfig(RunConfig, CheckpointConfig, DataConfig, OptimConfig, DataPara
                 f"world size {world_size} != PP x DP = {pp} x {self.data_parallel_size} = "
                 f"{pp * self.data_parallel_size}. Launch {pp * self.data_parallel_size} "
                 f"processes or change --data-parallel-size / --pipeline-model-parallel-size.")
+        if self.dp_averaging == "sparse":
+            check_ranks_per_replica(self.dp_ranks_per_replica, dp, sparse=True)
         per_step = self.micro_batch_size * dp
         if self.global_batch_size % per_step:
             raise ConfigError(

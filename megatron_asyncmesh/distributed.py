@@ -127,22 +127,47 @@ def set_cpu_threads(cfg) -> int:
 
 
 def init_model_parallel(cfg) -> int:
-    """Megatron parallel state for TP = 1, PP = cfg's; returns DP."""
+    """Megatron parallel state for TP = 1, PP = cfg's; returns DP. Sparse runs place
+    ranks replica-major (:func:`rank_order`)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     dp = cfg.validate_world(dist.get_world_size())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=1,
-        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size)
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        order=rank_order(cfg.dp_averaging == "sparse"))
     torch.manual_seed(cfg.seed)
     model_parallel_cuda_manual_seed(cfg.seed)
     return dp
 
 
+MEGATRON_ORDER = "tp-cp-ep-dp-pp"       # Megatron's default: a stage's DP ranks adjacent
+REPLICA_MAJOR_ORDER = "tp-cp-ep-pp-dp"  # one replica's ranks (all its stages) adjacent
+
+
+def rank_order(sparse: bool) -> str:
+    """Megatron's rank order for a run. Sparse runs are replica-major: the ranks of one
+    replica, all its pipeline stages included, are consecutive, so a launcher that fills
+    node after node puts a replica on a node and only the averaging leaves it."""
+    return REPLICA_MAJOR_ORDER if sparse else MEGATRON_ORDER
+
+
+_ON_SHUTDOWN: list = []
+
+
+def on_shutdown(forget) -> None:
+    """Register ``forget()``: drops process groups cached by a component before the
+    default group they belong to is destroyed."""
+    if forget not in _ON_SHUTDOWN:
+        _ON_SHUTDOWN.append(forget)
+
+
 def shutdown() -> None:
     from megatron.core import parallel_state
 
+    for forget in _ON_SHUTDOWN:
+        forget()
     if dist.is_initialized():
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()

@@ -26,7 +26,8 @@ SUMMARY_KEYS = (
     "pipeline_model_parallel_size", "data_parallel_size", "num_microbatches",
     "pipeline_schedule", "stage_utilization", "stage_delay", "optimizer", "stage_optimizer",
     "checkpoints", "checkpoint_load_s", "dp_averaging", "dp_averaging_stats",
-    "grad_all_reduce_bytes_per_step", "comm_bytes_per_step", "per_rank", "pipeline",
+    "grad_all_reduce_bytes_per_step", "replica_grad_all_reduce_bytes_per_step",
+    "comm_bytes_per_step", "per_rank", "pipeline",
     "parameters", "world_size", "launcher", "threads_per_rank", "wall_time_s", "device",
     "run_dir", "config")
 

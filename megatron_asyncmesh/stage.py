@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from megatron_asyncmesh.optim import builder as optim
 from megatron_asyncmesh.optim.stage_local import make_optimizer_stage_local
-from megatron_asyncmesh.dataparallel.megatron import build_averager, wrap_ddp
+from megatron_asyncmesh.dataparallel.megatron import build_averager, replica_process_groups, \
+    wrap_ddp
+from megatron_asyncmesh.dataparallel.replicas import replica_layout
 from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent, mixed_precision
 
 
@@ -26,12 +28,16 @@ def build_stage(cfg, vocab_size: int, num_microbatches: int):
     model.config.no_sync_func = model.no_sync
     stage = parallel_state.get_pipeline_model_parallel_rank()
     gb = cfg.global_batch_size
+    sparse = cfg.dp_averaging == "sparse"
     optimizer, opt_info = optim.build_optimizer(
-        cfg, model, stage, cfg.pipeline_model_parallel_size, num_microbatches)
+        cfg, model, stage, cfg.pipeline_model_parallel_size, num_microbatches,
+        pg_collection=replica_process_groups(cfg) if sparse else None)
     asynchronous = cfg.pipeline_schedule != "flush"
     if asynchronous:
-        # Grad-norm / inf checks stay inside the stage: no collective across stages.
-        make_optimizer_stage_local(optimizer)
+        # Grad-norm / inf checks stay inside the stage (and the replica): no collective
+        # across stages.
+        make_optimizer_stage_local(optimizer, replica_layout(
+            cfg.dp_ranks_per_replica).stage_replica_group if sparse else None)
     optimizer = optim.wrap_error_feedback(optimizer, model, cfg, opt_info)
     averager = build_averager(cfg, model, optimizer)
     scheduler = OptimizerParamScheduler(

@@ -104,7 +104,7 @@ def single_process(cfg: TrainConfig):
     cfg = dataclasses.replace(cfg, pipeline_model_parallel_size=1, data_parallel_size=None,
                               decoder_first_pipeline_num_layers=None,
                               decoder_last_pipeline_num_layers=None,
-                              use_distributed_optimizer=False)
+                              use_distributed_optimizer=False, dp_ranks_per_replica=1)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(var, None)
     mdist.init_distributed()
@@ -148,7 +148,7 @@ def load_model(directory: str, meta: dict, model, replica: Optional[int] = None)
 
         dict_list_map_inplace(te_key, sharded)
     if layout.get("dp_averaging") == "sparse" and meta.get("contents", "full") == "full":
-        replicas = layout.get("data_parallel_size", 1)
+        replicas = layout.get("data_parallel_size", 1) // layout.get("dp_ranks_per_replica", 1)
         if replica == "mean":
             _load_replica_mean(directory, meta, model, replicas)
             return
@@ -422,7 +422,7 @@ def _reshard_worker(job: dict) -> None:
     cfg = dataclasses.replace(
         saved, pipeline_model_parallel_size=job["pipeline_size"], data_parallel_size=1,
         decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
-        use_distributed_optimizer=False, dp_averaging="none",
+        use_distributed_optimizer=False, dp_averaging="none", dp_ranks_per_replica=1,
         load=root, save=job["output"], save_keep_last=0)
     if job["drop_async_state"]:
         cfg.pipeline_schedule = "flush"

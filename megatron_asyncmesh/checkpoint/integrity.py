@@ -100,6 +100,7 @@ def _layout(cfg, vocab_size: int, dp: int) -> dict:
     out = model_shape(cfg, vocab_size)
     out.update({f: getattr(cfg, f) for f in LAYOUT_FIELDS if f != "data_parallel_size"})
     out["data_parallel_size"] = dp
+    out["dp_ranks_per_replica"] = cfg.dp_ranks_per_replica
     # The layer spec names the tensors (Transformer Engine fuses the norms into the
     # following linear layers): part of the seal. Checkpoints from before it was sealed
     # were all written with the local spec.
@@ -325,10 +326,16 @@ def verify(directory: str, cfg=None,
                 f"python tools/convert_checkpoint.py reshard --input {directory} "
                 f"--output NEW_DIR --pipeline-model-parallel-size {pp[1]}")
         dp = saved["data_parallel_size"], mine["data_parallel_size"]
+        per = saved.get("dp_ranks_per_replica", 1), mine["dp_ranks_per_replica"]
         if mine["dp_averaging"] == "sparse" and saved["dp_averaging"] == "sparse" and \
-                dp[0] != dp[1]:
+                (dp[0] != dp[1] or per[0] != per[1]):
             raise CheckpointError(
-                f"{directory} holds {dp[0]} independent replicas (--dp-averaging sparse); "
-                f"this run has {dp[1]}: resume with {dp[0]} data-parallel replicas.")
+                f"{directory} holds {dp[0] // per[0]} independent replicas of {per[0]} "
+                f"data-parallel rank(s) per stage (--dp-averaging sparse, DP {dp[0]}, "
+                f"--dp-ranks-per-replica {per[0]}); this run has DP {dp[1]} with "
+                f"--dp-ranks-per-replica {per[1]}: resume with the same replicas (launch "
+                f"{dp[0]} data-parallel ranks per stage with --dp-ranks-per-replica "
+                f"{per[0]}), or export one model (convert_checkpoint.py hf-export --replica "
+                f"mean) and start from it.")
     return meta
 

@@ -29,6 +29,7 @@ from megatron_asyncmesh.checkpoint.integrity import (
 from megatron_asyncmesh.model import unwrap_model
 from megatron_asyncmesh.options import ConfigError
 
+
 def saved_config(root: Optional[str]) -> Optional[dict]:
     """The run configuration recorded by the latest complete checkpoint under ``root``
     (None when there is none: :func:`load` reports what is wrong with it)."""
@@ -73,22 +74,26 @@ def _versions(cfg, model, model_sd, iteration: int,
     return out
 
 
-def _per_replica(state: dict) -> None:
+def _per_replica(state: dict, ranks_per_replica: int) -> None:
     """Independent data-parallel replicas (``--dp-averaging sparse``) hold different
     weights and optimizer states; Megatron's sharded state dicts assume identical
     replicas and let data-parallel rank 0 write for all. Every sharded entry gets
-    the replica in its key and is written by its own replica."""
+    the replica in its key and is written by its replica's first rank (replicas of
+    ``ranks_per_replica`` ranks: their copies are identical, a distributed optimizer's
+    shards are disjoint and each written by its owner)."""
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 
-    replica = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    replica = parallel_state.get_data_parallel_rank(with_context_parallel=True) \
+        // ranks_per_replica
 
     def own(value):
         if isinstance(value, ShardedBase):
             value.key = f"replica{replica}.{value.key}"
             rid = value.replica_id
-            value.replica_id = (*rid[:-1], 0) if isinstance(rid, tuple) else 0
+            value.replica_id = ((*rid[:-1], rid[-1] % ranks_per_replica)
+                                if isinstance(rid, tuple) else rid % ranks_per_replica)
         return value
 
     dict_list_map_inplace(own, state)
@@ -103,11 +108,19 @@ def _state(model, optimizer, scheduler, iteration: int, is_loading: bool,
     are saved, and every replica's state under its own keys."""
     from megatron_asyncmesh.optim.soap import factor_sharded_state
 
+    from megatron_asyncmesh.optim.builder import ready_to_load
+
     # The unwrapped GPTModel: its keys are the model's own (no DDP "module." prefix).
     model_sd = unwrap_model(model).sharded_state_dict()
+    if is_loading:
+        ready_to_load(optimizer)
     state = {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
+        # Megatron-LM's own choice for the distributed optimizer: each data-parallel rank
+        # writes its shard (its default format, flattened ranges, cannot be written).
+        "optimizer": optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "dp_reshardable"}),
         "opt_param_scheduler": scheduler.state_dict(),
         "iteration": iteration,
     }
@@ -126,10 +139,12 @@ def _state(model, optimizer, scheduler, iteration: int, is_loading: bool,
 
         stage = parallel_state.get_pipeline_model_parallel_rank()
         tensors = averager.state_template(iteration) if is_loading else averager.state_dict()
-        state["dp_averaging"] = {k: standalone(f"dp_averaging.stage{stage}.{k}", t, 0)
+        # The replica's ranks hold the same averaging state (parts exchanged on save).
+        state["dp_averaging"] = {k: standalone(f"dp_averaging.stage{stage}.{k}", t,
+                                               averager.part_index)
                                  for k, t in tensors.items()}
         state["dp_averaging_mode"] = "sparse"
-        _per_replica(state)
+        _per_replica(state, averager.parts)
     return state
 
 
@@ -240,7 +255,13 @@ def load(cfg, model, optimizer, scheduler,
     if averager is not None:
         averager.load_state_dict(state["dp_averaging"])
     unwrap_model(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    import torch
+
+    from megatron_asyncmesh.optim.builder import finish_load
+
+    with torch.no_grad():        # fp32 ZeRO-1 copies into views of the model's parameters
+        optimizer.load_state_dict(state["optimizer"])
+    finish_load(optimizer)
     if "optimizer_soap_factors" in state:
         from megatron_asyncmesh.optim.soap import load_factor_state
 

@@ -346,9 +346,11 @@ def selected_coordinates(selector, step: int) -> List[torch.Tensor]:
 class _Pending:
     step: int                      # the optimizer step whose weights were snapshotted
     snapshot: torch.Tensor         # W_i^(t)[S_t], concatenated over tensors
-    buffer: torch.Tensor           # being all-reduced (sum over replicas)
+    buffer: torch.Tensor           # being all-reduced (sum over replicas); padded to R parts
     work: object                   # the async handle (None once waited / restored)
     selection: list                # S_t per tensor, carried to the apply tau steps later
+    part: Optional[torch.Tensor] = None   # this rank's part of ``buffer`` (R > 1) until
+                                          # the replica's ranks exchanged their parts
 
 
 class SparseAverager:
@@ -361,10 +363,19 @@ class SparseAverager:
     single-process tests pass a fake group). ``after_apply`` runs after
     parameters were overwritten (e.g. copy fp32 main params into bf16 model
     params).
+
+    ``replica_group``: the other ranks of this rank's replica (``--dp-ranks-per-replica
+    R > 1``), which hold the same parameters. Then ``group`` is the averaging group
+    (one rank per replica) and the replica's R ranks split the work: each all-reduces
+    one R-th of every step's selection across the replicas, and when the average is
+    applied they all-gather the parts inside the replica (its fast links). A replica
+    thus sends the selection once across the slow links whatever R, and its ranks
+    apply identical averages, so they stay identical.
     """
 
     def __init__(self, params: Sequence[Tuple[str, torch.Tensor]], cfg: AveragingConfig,
-                 group=None, comm=None, after_apply: Optional[Callable[[], None]] = None):
+                 group=None, comm=None, after_apply: Optional[Callable[[], None]] = None,
+                 replica_group=None):
         if comm is None:
             import deepspeed.comm as comm
         self.cfg = cfg.validate()
@@ -374,6 +385,10 @@ class SparseAverager:
         if len(set(self.keys)) != len(self.keys):
             raise AveragingError("SparseAverager needs distinct parameter keys.")
         self.world = comm.get_world_size(group=group)
+        self.replica_group = replica_group
+        self.parts = comm.get_world_size(group=replica_group) if replica_group is not None \
+            else 1
+        self.part_index = comm.get_rank(group=replica_group) if self.parts > 1 else 0
         self.after_apply = after_apply
         device = self.params[0].device if self.params else None
         self.selector = make_selector(cfg, self.keys, [p.numel() for p in self.params], device)
@@ -394,6 +409,7 @@ class SparseAverager:
         self.elements_sent = 0
         self.bytes_sent = 0
         self.last_step_bytes = 0
+        self.replica_bytes_sent = 0     # the parts' all-gather inside the replica
         self.check_replicas_agree()
 
     # ------------------------------------------------------------------ set-up
@@ -407,11 +423,13 @@ class SparseAverager:
     def check_replicas_agree(self) -> None:
         """Every replica must select the same coordinates: same seed, settings and
         tensors. One all_gather_object; every rank raises the same error."""
-        if self.world == 1:
-            return
         mine = self.signature()
-        gathered = [None] * self.world
-        self.comm.all_gather_object(gathered, mine, group=self.group)
+        gathered = []
+        for group, size in ((self.group, self.world), (self.replica_group, self.parts)):
+            if size > 1:
+                out = [None] * size
+                self.comm.all_gather_object(out, mine, group=group)
+                gathered += out
         for other in gathered:
             if other != mine:
                 diff = {k: (mine.get(k), other.get(k)) for k in set(mine) | set(other)
@@ -466,17 +484,42 @@ class SparseAverager:
             return self._dense_step()
         selection = self._select(t)
         snapshot = self._gather(selection)
-        buffer = snapshot.clone()
+        buffer, part = self._parts(snapshot)
         work = None
         if self.world > 1:
-            work = self.comm.all_reduce(buffer, group=self.group, async_op=True)
-        self.pending.append(_Pending(t, snapshot, buffer, work, selection))
-        self.last_step_bytes = buffer.numel() * buffer.element_size() if self.world > 1 else 0
-        self.elements_sent += buffer.numel() if self.world > 1 else 0
+            work = self.comm.all_reduce(part, group=self.group, async_op=True)
+        self.pending.append(_Pending(t, snapshot, buffer, work, selection,
+                                     part if self.parts > 1 else None))
+        self.last_step_bytes = part.numel() * part.element_size() if self.world > 1 else 0
+        self.elements_sent += part.numel() if self.world > 1 else 0
         self.bytes_sent += self.last_step_bytes
         while self.pending and self.pending[0].step + self.cfg.delay <= t:
             self._apply(self.pending.popleft(), t)
         return self.last_step_bytes
+
+    def _parts(self, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(buffer, part)``: a copy of ``values`` to reduce, and the part of it this rank
+        all-reduces across replicas: all of it for one-rank replicas; for R ranks the
+        buffer is padded to R equal parts and this rank takes its own."""
+        if self.parts == 1:
+            buffer = values.clone()
+            return buffer, buffer
+        n = values.numel()
+        size = -(-n // self.parts)
+        buffer = torch.zeros(size * self.parts, dtype=values.dtype, device=values.device)
+        buffer[:n].copy_(values)
+        return buffer, buffer[self.part_index * size:(self.part_index + 1) * size]
+
+    def _exchange_parts(self, item: _Pending) -> None:
+        """Every rank of the replica gets every part of ``item``'s average (an all-gather
+        inside the replica; on NCCL the wait orders streams and does not block the host)."""
+        if item.part is None:
+            return
+        mine = item.part.clone()
+        self.comm.all_gather_into_tensor(item.buffer, mine, group=self.replica_group)
+        self.replica_bytes_sent += mine.numel() * mine.element_size() * (self.parts - 1)
+        item.buffer = item.buffer[:item.snapshot.numel()]
+        item.part = None
 
     def _select(self, step: int) -> list:
         """Step ``step``'s selection. The selector counts sparse steps, so its first
@@ -487,18 +530,33 @@ class SparseAverager:
     def _dense_step(self) -> int:
         """A warm-up step: every parameter replaced by the replicas' mean now (p = 1,
         tau = 0, avg; a blocking all-reduce per tensor, in place)."""
-        sent = 0
-        if self.world > 1:
+        sent = elements = 0
+        if self.world > 1 and self.parts > 1:
+            # The replica's ranks split the model as they split a sparse selection.
+            whole = torch.cat([p.detach().float().reshape(-1) for p in self.params])
+            buffer, part = self._parts(whole)
+            self.comm.all_reduce(part, group=self.group)
+            item = _Pending(-1, whole, buffer, None, [], part)
+            self._exchange_parts(item)
+            mean = item.buffer.div_(self.world)
+            offset = 0
+            with torch.no_grad():
+                for p in self.params:
+                    p.copy_(mean[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+            sent, elements = part.numel() * part.element_size(), part.numel()
+        elif self.world > 1:
             with torch.no_grad():
                 for p in self.params:
                     flat = p.detach().view(-1)
                     self.comm.all_reduce(flat, group=self.group)
                     flat.div_(self.world)
                     sent += flat.numel() * flat.element_size()
-            if self.after_apply is not None:
-                self.after_apply()
+                    elements += flat.numel()
+        if self.world > 1 and self.after_apply is not None:
+            self.after_apply()
         self.last_step_bytes = sent
-        self.elements_sent += sum(p.numel() for p in self.params) if self.world > 1 else 0
+        self.elements_sent += elements
         self.bytes_sent += sent
         return sent
 
@@ -506,6 +564,7 @@ class SparseAverager:
         if item.work is not None:
             item.work.wait()
             item.work = None
+        self._exchange_parts(item)
         # In place on the item's buffer and two reused workspaces: no per-step allocation
         # besides the new snapshot. Each operation rounds exactly as the out-of-place
         # formulas of the module docstring would.
@@ -550,13 +609,15 @@ class SparseAverager:
 
     def wait_in_flight(self) -> None:
         """Wait for every launched all-reduce without applying it (the delay queue
-        is unchanged). Call before a process group goes away: gloo runs async
+        is unchanged); replicas of several ranks exchange their parts (a collective of
+        the replica: every rank calls this at the same point). Call before a process group goes away: gloo runs async
         collectives on worker threads, and a peer leaving while one of them still
         runs aborts the process."""
         for item in self.pending:
             if item.work is not None:
                 item.work.wait()
                 item.work = None
+            self._exchange_parts(item)      # the replica's ranks now hold the same state
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -637,7 +698,8 @@ class SparseAverager:
         return {"steps": self.steps, "elements_sent": self.elements_sent,
                 "bytes_sent": self.bytes_sent,
                 "bytes_per_step": self.bytes_sent / self.steps if self.steps else 0.0,
-                "replicas": self.world, **{f"cfg_{k}": v for k, v in asdict(self.cfg).items()}}
+                "replica_bytes_sent": self.replica_bytes_sent,
+                "replicas": self.world, "ranks_per_replica": self.parts, **{f"cfg_{k}": v for k, v in asdict(self.cfg).items()}}
 
 
 def expected_elements_per_step(numels: Sequence[int], fraction: float, step: int) -> int:

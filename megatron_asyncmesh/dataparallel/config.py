@@ -43,6 +43,10 @@ class DataParallelConfig:
         0, "a synchronous warm start: for the first N steps every parameter is averaged "
         "over the replicas every step (p = 1, tau = 0, a blocking all-reduce), then the "
         "sparse averaging starts", "parallel")
+    dp_ranks_per_replica: int = option(
+        1, "data-parallel ranks per replica (R): inside a replica Megatron's synchronous "
+        "data parallelism (gradient all-reduce, --use-distributed-optimizer allowed), "
+        "sparse averaging only across replicas; DP / R replicas", "parallel")
     dp_final_average: bool = option(
         True, "at the end of training replace every replica by the replicas' mean, so the "
         "last checkpoint and every export hold one model", "parallel")
@@ -50,6 +54,30 @@ class DataParallelConfig:
     def validate_averaging(self, seed: int, train_iters: int) -> None:
         check_choices(self, DataParallelConfig)
         averaging_config(self, seed, train_iters)
+        check_ranks_per_replica(self.dp_ranks_per_replica, None,
+                                self.dp_averaging == "sparse")
+
+
+def check_ranks_per_replica(ranks_per_replica: int, dp: Optional[int], sparse: bool) -> int:
+    """``--dp-ranks-per-replica`` against the data-parallel size ``dp`` (None: not known
+    yet); returns the number of replicas (1 when ``dp`` is None). ConfigError otherwise."""
+    r = ranks_per_replica
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ConfigError(f"--dp-ranks-per-replica must be an integer >= 1, got {r!r}.")
+    if r > 1 and not sparse:
+        raise ConfigError(
+            f"--dp-ranks-per-replica {r} needs --dp-averaging sparse: without it every "
+            f"data-parallel rank is already in one synchronous replica. Drop the flag or "
+            f"add --dp-averaging sparse.")
+    if dp is None:
+        return 1
+    if dp % r:
+        divisors = [d for d in range(1, dp + 1) if dp % d == 0]
+        raise ConfigError(
+            f"--dp-ranks-per-replica {r} does not divide the data-parallel size {dp}: "
+            f"replicas must have equal size. Use one of {divisors}, or launch {r} x (number "
+            f"of replicas) data-parallel ranks per stage.")
+    return dp // r
 
 
 # What --dp-selector auto means for a run that does not resume. Checkpoints record the

@@ -40,6 +40,7 @@ from typing import Optional
 from megatron_asyncmesh import patching
 from megatron_asyncmesh.optim.config import REGISTERED, check_choice
 from megatron_asyncmesh.optim.feedback import DelayErrorFeedback, PipeMareLR
+from megatron_asyncmesh.optim.main_params import leaf_optimizers
 from megatron_asyncmesh.optim.nadamw import NAdamW, init_state_fn, stage_hyperparameters
 from megatron_asyncmesh.pipeline.schedule import gradient_delay
 
@@ -87,8 +88,10 @@ class StageOptimizerInfo:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
-def build_optimizer(cfg, model, stage: int, P: int, M: int):
+def build_optimizer(cfg, model, stage: int, P: int, M: int, pg_collection=None):
     """Megatron optimizer for this stage's ``model`` (a DDP-wrapped GPTModel stage).
+    ``pg_collection``: the process groups the model's DDP was built with (a sparse run's
+    replica, whose ranks a distributed optimizer shards over); None: Megatron's.
 
     Returns ``(optimizer, info)``. Error feedback is applied by
     :func:`wrap_error_feedback` after the optimizer is made stage-local.
@@ -118,7 +121,11 @@ def build_optimizer(cfg, model, stage: int, P: int, M: int):
         muon_split_qkv=cfg.muon_split_qkv, muon_extra_scale_factor=cfg.muon_extra_scale_factor,
         muon_fp32_matmul_prec=muon_prec,
         muon_scalar_optimizer="adam")
-    optimizer = get_megatron_optimizer(opt_cfg, [model])
+    if pg_collection is None:
+        optimizer = get_megatron_optimizer(opt_cfg, [model])
+    else:      # Megatron takes no gloo groups with an explicit collection
+        optimizer = get_megatron_optimizer(opt_cfg, [model], pg_collection=pg_collection,
+                                           use_gloo_process_groups=False)
     if cfg.use_layer_wise_distributed_optimizer and not cfg.bf16:
         _wrap_layer_wise_fp32(optimizer, opt_cfg)
     if info.lr_mult != 1.0:            # the scheduler reads each group's max_lr / min_lr
@@ -155,6 +162,42 @@ def _wrap_layer_wise_fp32(optimizer, opt_cfg) -> None:
                          label="LayerWiseDistributedOptimizer.chained_optimizers")
         patching.replace(lw, "config", opt_cfg, patch=LAYER_WISE_FP32_PATCH,
                          label="LayerWiseDistributedOptimizer.config")
+
+
+def ready_to_load(optimizer) -> None:
+    """Before a checkpoint is read into ``optimizer``: Megatron's ``DistributedOptimizer``
+    builds its loading template from its torch optimizer's state, which torch's Adam
+    creates only at the first step (and Megatron's own init function leaves out
+    ``step``, which the template asserts on without Transformer Engine or Apex). Give
+    every such Adam its zero state first; the checkpoint overwrites it."""
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for leaf in leaf_optimizers(optimizer):
+        if isinstance(leaf, DistributedOptimizer) and \
+                isinstance(leaf.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            _adam_init_state_fn(leaf.optimizer)
+
+
+def finish_load(optimizer) -> None:
+    """After a checkpoint was read into ``optimizer``: Megatron's ``DistributedOptimizer``
+    records torch Adam's step count in its parameter groups, but the per-parameter
+    ``step`` that torch's Adam reads for its bias correction keeps the template's
+    value (0, see :func:`ready_to_load`), so the resumed run would take larger steps.
+    Set it from the groups."""
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for leaf in leaf_optimizers(optimizer):
+        if isinstance(leaf, DistributedOptimizer) and \
+                isinstance(leaf.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            for group in leaf.optimizer.param_groups:
+                if group.get("step") is None:
+                    continue
+                for p in group["params"]:
+                    state = leaf.optimizer.state.get(p)
+                    if state and "step" in state:
+                        state["step"] = torch.tensor(float(group["step"]))
 
 
 def _adam_init_state_fn(opt, config=None) -> None:

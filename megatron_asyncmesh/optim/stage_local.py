@@ -29,7 +29,7 @@ LAYER_WISE_PATCH = patching.declare(
          "asynchronous pipeline only")
 
 
-def make_optimizer_stage_local(optimizer) -> None:
+def make_optimizer_stage_local(optimizer, data_group=None) -> None:
     """Reduce gradient statistics (norm for clipping, inf/nan flag, zero count)
     inside this pipeline stage only.
 
@@ -40,23 +40,26 @@ def make_optimizer_stage_local(optimizer) -> None:
     synchronous again. Stage-local: the tensor-parallel group (plain) or the
     stage's tensor x data-parallel group (distributed, whose gradient shards
     live on the DP ranks). Clipping then uses the stage's own gradient norm,
-    as PipeDream's per-stage optimizers do.
+    as PipeDream's per-stage optimizers do. ``data_group``: that tensor x data-parallel
+    group when it is not Megatron's (a sparse run's replica).
     """
     from megatron.core import parallel_state
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
 
+    if data_group is None:
+        data_group = parallel_state.get_tensor_and_data_parallel_group(
+            with_context_parallel=True)
     if isinstance(optimizer, LayerWiseDistributedOptimizer):
-        _layer_wise_stage_local(optimizer, parallel_state.get_tensor_and_data_parallel_group(
-            with_context_parallel=True))
+        _layer_wise_stage_local(optimizer, data_group)
         return
     inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
     for opt in inner:
         if isinstance(opt, LayerWiseDistributedOptimizer):
-            make_optimizer_stage_local(opt)
+            make_optimizer_stage_local(opt, data_group)
             continue
         if isinstance(opt, DistributedOptimizer):
-            group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+            group = data_group
         else:
             group = parallel_state.get_tensor_model_parallel_group()
         patching.replace(opt, "grad_stats_parallel_group", group, patch=GROUP_PATCH,

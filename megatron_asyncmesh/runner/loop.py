@@ -203,11 +203,15 @@ def run(cfg, engine_cls, **engine_kwargs) -> dict:
         # (Megatron's DDP), and what deepspeed.comm's logger counted (DeepSpeed engine).
         "grad_all_reduce_bytes_per_step": [r["grad_all_reduce_bytes_per_step"]
                                            for r in per_rank],
+        # Per rank: the same inside a replica of several ranks (its fast links).
+        "replica_grad_all_reduce_bytes_per_step": [
+            r.get("replica_grad_all_reduce_bytes_per_step", 0) for r in per_rank],
         "comm_bytes_per_step": [r["comm_bytes_per_step"] for r in per_rank],
         "per_rank": per_rank,
         "pipeline": pipeline["per_rank"],
         # One replica's model: the parameters of its stages.
-        "parameters": sum(r["parameters"] for r in per_rank if r["replica"] == 0),
+        "parameters": sum(r["parameters"] for r in per_rank
+                          if r.get("data_parallel_rank", r["replica"]) == 0),
         "world_size": dist.get_world_size(),
         "launcher": launcher,
         "threads_per_rank": threads,

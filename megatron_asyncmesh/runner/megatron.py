@@ -20,6 +20,8 @@ import torch.distributed as dist
 
 from megatron_asyncmesh.checkpoint import state as ckpt
 from megatron_asyncmesh.dataparallel.consensus import average_replicas, consensus
+from megatron_asyncmesh.dataparallel.megatron import averaging_group
+from megatron_asyncmesh.dataparallel.replicas import replica_layout
 from megatron_asyncmesh.optim.main_params import copy_main_to_model, main_params
 from megatron_asyncmesh.pipeline import install
 from megatron_asyncmesh.pipeline.simulate import plot_timeline
@@ -184,6 +186,10 @@ class MegatronEngine:
         self.cfg, self.dp, self.num_microbatches = cfg, dp, num_microbatches
         self.model, self.optimizer, self.opt_info, self.scheduler, self.averager = \
             build_stage(cfg, data.vocab_size, num_microbatches)
+        self.layout = (replica_layout(cfg.dp_ranks_per_replica)
+                       if cfg.dp_averaging == "sparse" else None)
+        if self.layout is not None and dist.get_rank() == 0:
+            print(self.layout.describe(), flush=True)
         stage = parallel_state.get_pipeline_model_parallel_rank()
         self.asynchronous = cfg.pipeline_schedule != "flush"
         self.start_iter, resumed_versions = 0, {}
@@ -219,9 +225,7 @@ class MegatronEngine:
         return self.trainer.evaluate(valid, self.cfg.eval_iters)
 
     def _replica_group(self):
-        from megatron.core import parallel_state
-
-        return parallel_state.get_data_parallel_group()
+        return averaging_group(self.cfg)
 
     def consensus_evaluate(self, valid):
         """(validation loss of the replicas' mean, bytes sent) with sparse averaging;
@@ -258,8 +262,10 @@ class MegatronEngine:
         """This rank's part of the summary (gathered over the world)."""
         from megatron.core import parallel_state
 
-        # Megatron's DDP all-reduces this rank's whole fp32 gradient buffer every step.
+        # Megatron's DDP all-reduces this rank's whole fp32 gradient buffer every step
+        # (inside the replica only with sparse averaging).
         params = sum(p.numel() for p in self.model.parameters())
+        in_replica = self.layout is not None and self.layout.ranks_per_replica > 1
         return {"stage_optimizer": self.opt_info.as_dict(),
                 "dp_averaging_stats": (self.averager.stats() if self.averager is not None
                                        else None),
@@ -267,8 +273,11 @@ class MegatronEngine:
                                                    and self.dp > 1 else 0),
                 # Megatron's collectives go through torch.distributed, not deepspeed.comm.
                 "comm_bytes_by_op": None, "comm_bytes_per_step": None,
+                "replica_grad_all_reduce_bytes_per_step": 4 * params if in_replica else 0,
                 "parameters": params,
-                "replica": parallel_state.get_data_parallel_rank()}
+                "data_parallel_rank": parallel_state.get_data_parallel_rank(),
+                "replica": (self.layout.replica if self.layout is not None
+                            else parallel_state.get_data_parallel_rank())}
 
     def pipeline(self) -> dict:
         """Per-stage utilization and delay (gathered); writes this rank's timeline."""
