@@ -42,6 +42,25 @@ def train_step(model, opt, replica: int, step: int) -> None:
     opt.step()
 
 
+def replica_train_step(model, opt, replica: int, step: int, ranks_per_replica: int,
+                       part: int = None, group=None) -> None:
+    """One step of a replica of ``ranks_per_replica`` ranks: each rank's own batch, the
+    gradients averaged inside the replica (a gloo all-reduce over ``group`` when ``part``
+    is this rank's position; accumulated in one process when ``part`` is None)."""
+    import torch.distributed as dist
+
+    opt.zero_grad()
+    ids = [part] if part is not None else range(ranks_per_replica)
+    for i in ids:
+        x, y = batch(replica * ranks_per_replica + i, step)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+    for p in model.parameters():
+        if part is not None:
+            dist.all_reduce(p.grad, group=group)
+        p.grad.div_(ranks_per_replica)
+    opt.step()
+
+
 def named(model):
     return [(n, p) for n, p in model.named_parameters()]
 
@@ -58,6 +77,7 @@ def main() -> int:
     parser.add_argument("--cases", default="[]")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--bad-seed", action="store_true")
+    parser.add_argument("--ranks-per-replica", type=int, default=1)
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -76,16 +96,28 @@ def main() -> int:
             return 3
         return 0
 
+    R = args.ranks_per_replica
+    replica, part = rank // R, rank % R
+    inner = across = None
+    if R > 1:        # replicas of R consecutive ranks; averaging between equal positions
+        inner, _ = dist.new_subgroups_by_enumeration(
+            [list(range(r * R, (r + 1) * R)) for r in range(world // R)])
+        across, _ = dist.new_subgroups_by_enumeration(
+            [list(range(i, world, R)) for i in range(R)])
     results = []
     for case in json.loads(args.cases):
         cfg = AveragingConfig(**case)
         model = make_model()
         opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-        averager = SparseAverager(named(model), cfg, comm=dscomm)
+        averager = SparseAverager(named(model), cfg, comm=dscomm, group=across,
+                                  replica_group=inner)
         dscomm.comms_logger.comms_dict.clear()
         per_step = []
         for step in range(args.steps):
-            train_step(model, opt, rank, step)
+            if R > 1:
+                replica_train_step(model, opt, replica, step, R, part, inner)
+            else:
+                train_step(model, opt, rank, step)
             per_step.append(averager.step())
         averager.wait_in_flight()
         logged = sum(size * rec[0] for op, sizes in dscomm.comms_logger.comms_dict.items()
@@ -95,6 +127,7 @@ def main() -> int:
         dist.all_gather_object(gathered, {"params": [p.tolist() for p in params],
                                           "bytes_per_step": per_step,
                                           "bytes_sent": averager.bytes_sent,
+                                          "replica_bytes_sent": averager.replica_bytes_sent,
                                           "comms_logger_bytes": logged})
         results.append({"case": case, "ranks": gathered})
     if rank == 0:

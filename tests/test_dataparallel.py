@@ -11,7 +11,7 @@ import torch
 from megatron_asyncmesh.dataparallel.averaging import (
     AveragingConfig, BernoulliSelector, BlockSelector, PartitionSelector, SparseAverager,
     expected_elements_per_step, make_selector, selected_coordinates)
-from tests.dp_worker import make_model, train_step
+from tests.dp_worker import make_model, replica_train_step, train_step
 from tests.harness import REPO, evaluate, launch, read_metrics, read_summary, tool, train
 
 NUMELS = [1, 7, 100, 1001]
@@ -171,10 +171,12 @@ def test_ema_momentum_schedule():
     assert cfg.momentum(30) == cfg.momentum(99) == 0.99
 
 
-def simulate(case: dict, steps: int, world: int = 2):
+def simulate(case: dict, steps: int, world: int = 2, ranks_per_replica: int = 1):
     """Single-process replay of ``world`` replicas: same models, data, AdamW,
     selector, delay and correction as tests/dp_worker.py, with the averaging
-    written out densely per tensor from ALGORITHMS.md section 3."""
+    written out densely per tensor from ALGORITHMS.md section 3. Replicas of
+    ``ranks_per_replica`` ranks: each step's gradient is the mean over the replica's
+    ranks' batches."""
     cfg = AveragingConfig(**case)
     models = [make_model() for _ in range(world)]
     opts = [torch.optim.AdamW(m.parameters(), lr=0.05) for m in models]
@@ -186,7 +188,10 @@ def simulate(case: dict, steps: int, world: int = 2):
     queue = []
     for t in range(steps):
         for r in range(world):
-            train_step(models[r], opts[r], r, t)
+            if ranks_per_replica > 1:
+                replica_train_step(models[r], opts[r], r, t, ranks_per_replica)
+            else:
+                train_step(models[r], opts[r], r, t)
         if t < cfg.dense_iters:                 # warm start: every parameter, now
             for j in range(len(params[0])):
                 mean = (params[0][j].data + sum(params[r][j].data for r in range(1, world))
@@ -268,6 +273,47 @@ def test_distributed_equals_single_process_replay(distributed_cases, k):
         assert res["ranks"][0]["params"] == res["ranks"][1]["params"]
     else:
         assert res["ranks"][0]["params"] != res["ranks"][1]["params"]
+
+
+# Replicas of two ranks: the parts of each selection split over the replica's ranks,
+# the dense warm-up split the same way.
+REPLICA_CASES = [CASES[2], CASES[4], CASES[7]]
+
+
+@pytest.fixture(scope="module")
+def replica_cases(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dp") / "replicas.json")
+    launch([os.path.join(REPO, "tests", "dp_worker.py"), "--out", out, "--cases",
+            json.dumps(REPLICA_CASES), "--steps", str(STEPS), "--ranks-per-replica", "2"],
+           nproc=4, timeout=240)
+    with open(out) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("k", range(len(REPLICA_CASES)))
+def test_replicas_of_two_ranks_equal_single_process_replay(replica_cases, k):
+    """4 gloo ranks = 2 replicas x 2 ranks (gradient all-reduce inside a replica, each
+    rank averaging half of every selection across replicas, the halves all-gathered
+    inside the replica) end bitwise where one process replaying 2 replicas, each
+    stepping on the mean gradient of its two batches, ends. Each rank sends half of
+    what a one-rank replica sends across the replicas."""
+    res = replica_cases[k]
+    assert res["case"] == REPLICA_CASES[k]
+    expected = simulate(REPLICA_CASES[k], STEPS, world=2, ranks_per_replica=2)
+    for rank, got in enumerate(res["ranks"]):
+        for p_got, p_ref in zip(got["params"], expected[rank // 2]):
+            assert torch.equal(torch.tensor(p_got), p_ref), (rank, k)
+    assert res["ranks"][0]["params"] == res["ranks"][1]["params"]     # one replica
+    assert res["ranks"][0]["params"] != res["ranks"][2]["params"]     # two replicas
+    numels = [p.numel() for p in make_model().parameters()]
+    case = REPLICA_CASES[k]
+    for got in res["ranks"]:
+        assert got["comms_logger_bytes"] == got["bytes_sent"] == sum(got["bytes_per_step"])
+        assert got["replica_bytes_sent"] > 0
+        if case.get("selector", "partition") == "partition":
+            assert got["bytes_per_step"] == [
+                4 * -(-expected_elements_per_step(numels, case["fraction"], t) // 2)
+                for t in range(STEPS)]
 
 
 def test_dense_averaging_is_the_parameter_mean():
