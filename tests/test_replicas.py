@@ -12,7 +12,7 @@ import pytest
 
 from megatron_asyncmesh.config import parse_config
 from megatron_asyncmesh.options import ConfigError
-from tests.harness import REPO, read_metrics, read_summary, train
+from tests.harness import REPO, launch, read_metrics, read_summary, train
 
 TINY = os.path.join(REPO, "launch", "configs", "tiny.yaml")
 SGD = ["--optimizer", "sgd", "--sgd-momentum", "0.9", "--clip-grad", "0", "--lr", "0.05",
@@ -28,30 +28,60 @@ def _losses(run_dir):
     return [r["loss"] for r in train_rows], [r["val_loss"] for r in val_rows]
 
 
-def test_dense_replicas_of_two_ranks_equal_megatron_data_parallel(tmp_path, data_args):
+@pytest.fixture(scope="module")
+def megatron_dp4(tmp_path_factory, tiny_data):
+    """Megatron's own synchronous data parallelism over 4 ranks (DDP), SGD."""
+    run_dir = str(tmp_path_factory.mktemp("dp4") / "sync")
+    train(run_dir, nproc=4, args=[*SGD, "--data-path", tiny_data["data_path"],
+                                  "--tokenizer-model", tiny_data["tokenizer_model"]])
+    return _losses(run_dir), read_summary(run_dir)
+
+
+def _close(sync, mesh):
+    assert len(sync[0]) == len(mesh[0]) == 6 and len(sync[1]) == len(mesh[1]) == 3
+    for x, y in zip(sync[0] + sync[1], mesh[0] + mesh[1]):
+        assert abs(x - y) < 1e-5, (sync, mesh)
+
+
+def test_dense_replicas_of_two_ranks_equal_megatron_data_parallel(tmp_path, data_args,
+                                                                  megatron_dp4):
     """4 ranks = 2 replicas x 2 ranks, p = 1, tau = 0, SGD with momentum (linear in the
     gradient): Megatron's gradient all-reduce inside each replica, then the replicas'
     parameter mean every step, is Megatron's data parallelism over all 4 ranks up to
     rounding, at every step. Each rank sends half the model across the replicas."""
-    sync_dir, mesh_dir = str(tmp_path / "sync"), str(tmp_path / "replicas")
-    train(sync_dir, nproc=4, args=[*SGD, *data_args])
+    mesh_dir = str(tmp_path / "replicas")
     res = train(mesh_dir, nproc=4, args=[*SGD, *DENSE, "--dp-ranks-per-replica", "2",
                                          *data_args])
-    sync, mesh = _losses(sync_dir), _losses(mesh_dir)
-    assert len(sync[0]) == len(mesh[0]) == 6 and len(sync[1]) == len(mesh[1]) == 3
-    for x, y in zip(sync[0] + sync[1], mesh[0] + mesh[1]):
-        assert abs(x - y) < 1e-5, (sync, mesh)
+    _close(megatron_dp4[0], _losses(mesh_dir))
     # The layout printed at start-up: replica-major ranks, the groups named.
     assert "2 replicas of 2 data-parallel rank(s) per stage" in res.output
     assert re.search(r"replica 0 \(host [^)]*\): ranks \[0, 1\]", res.output)
     assert "gradient all-reduce (inside a replica) groups: [[0, 1], [2, 3]]" in res.output
     assert "sparse averaging (across replicas) groups: [[0, 2], [1, 3]]" in res.output
     summary = read_summary(mesh_dir)
-    model_bytes = read_summary(sync_dir)["grad_all_reduce_bytes_per_step"][0]
+    model_bytes = megatron_dp4[1]["grad_all_reduce_bytes_per_step"][0]
     assert summary["replica_grad_all_reduce_bytes_per_step"] == [model_bytes] * 4
     for stats in summary["dp_averaging_stats"]:
         assert stats["replicas"] == 2 and stats["ranks_per_replica"] == 2
         assert stats["bytes_sent"] == 6 * model_bytes // 2      # half the model, 6 steps
+
+
+def test_deepspeed_zero1_replicas_of_two_ranks_equal_megatron_data_parallel(
+        tmp_path, data_args, megatron_dp4):
+    """The DeepSpeed hook in the same shape: a ZeRO-1 engine per replica of 2 ranks
+    (deepspeed.initialize with the replica as its data-parallel group), each rank
+    averaging its own ZeRO-1 partition with the same partition of the other replica,
+    then the replica's all-gather: dense averaging equals Megatron's DP over 4 ranks."""
+    run_dir = str(tmp_path / "ds")
+    res = launch(["-m", "megatron_asyncmesh.train_deepspeed", "--config", TINY, "--run-dir",
+                  run_dir, "--no-progress", *SGD, *DENSE, "--dp-ranks-per-replica", "2",
+                  "--zero-stage", "1", *data_args], nproc=4, timeout=240)
+    _close(megatron_dp4[0], _losses(run_dir))
+    assert "sparse averaging (across replicas) groups: [[0, 2], [1, 3]]" in res.output
+    stats = read_summary(run_dir)["dp_averaging_stats"]
+    assert {s["replicas"] for s in stats} == {2}
+    assert sum(s["bytes_per_step"] for s in stats[:2]) >= \
+        megatron_dp4[1]["grad_all_reduce_bytes_per_step"][0]     # the replica sends a model
 
 
 @pytest.fixture(scope="module")

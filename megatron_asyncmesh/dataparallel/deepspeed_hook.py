@@ -53,37 +53,54 @@ DS_PATCH = patching.declare(
 
 
 class ReplicaMPU:
-    """DeepSpeed ``mpu`` whose data-parallel and model-parallel groups are this rank
-    alone: a replica is one process; ZeRO-1 then shards inside it (trivially)."""
+    """DeepSpeed ``mpu`` whose data-parallel group is the replica: this rank alone by
+    default, or ``group`` (the replica's ``ranks``, ``--dp-ranks-per-replica R``), over
+    which ZeRO-1 then shards and all-reduces gradients; the model-parallel group is
+    this rank alone (no tensor parallelism on the DeepSpeed path)."""
 
-    def __init__(self):
+    def __init__(self, group=None, ranks=None):
         import torch.distributed as dist
 
-        self.group, _ = dist.new_subgroups(group_size=1)
         self.rank = dist.get_rank()
+        self.alone, _ = dist.new_subgroups(group_size=1)
+        self.group = group if group is not None else self.alone
+        self.ranks = list(ranks) if ranks is not None else [self.rank]
 
     def get_data_parallel_group(self):
         return self.group
 
     def get_data_parallel_group_ranks(self):
-        return [self.rank]
+        return self.ranks
 
     def get_data_parallel_world_size(self):
-        return 1
+        return len(self.ranks)
 
     def get_data_parallel_rank(self):
+        return self.ranks.index(self.rank)
+
+    def get_model_parallel_group(self):
+        return self.alone
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_model_parallel_world_size(self):
+        return 1
+
+    def get_model_parallel_rank(self):
         return 0
 
-    get_model_parallel_group = get_tensor_model_parallel_group = get_data_parallel_group
-    get_model_parallel_world_size = get_data_parallel_world_size
-    get_model_parallel_rank = get_tensor_model_parallel_rank = get_data_parallel_rank
+    get_tensor_model_parallel_rank = get_model_parallel_rank
 
     def get_tensor_model_parallel_src_rank(self):
         return self.rank
 
 
-def _engine_parameters(engine, names: Optional[dict]):
-    """``(params, after_apply)``: what the averager reads and writes for this ZeRO stage."""
+def _engine_parameters(engine, names: Optional[dict], ranks_per_replica: int = 1):
+    """``(params, after_apply)``: what the averager reads and writes for this ZeRO stage.
+    ZeRO-1 over a replica of R ranks: this rank's fp32 partition (one R-th of the model,
+    the same one on every replica's rank at this position), and after the averages are
+    written the replica's ranks all-gather their bf16/fp32 partitions, as ZeRO-1's own
+    step does."""
     stage = engine.zero_optimization_stage()
     if stage == 0:
         if engine.bfloat16_enabled() or engine.fp16_enabled():
@@ -95,27 +112,44 @@ def _engine_parameters(engine, names: Optional[dict]):
         names = names or {n: n for n, _ in module.named_parameters()}
         return [(names[n], p) for n, p in module.named_parameters() if p.requires_grad], None
     opt = engine.optimizer
-    if engine.dp_world_size != 1:
+    if engine.dp_world_size != ranks_per_replica:
         raise AveragingError(
             f"sparse averaging with ZeRO stage 1 needs the engine's data-parallel group to be "
-            f"the replica (got {engine.dp_world_size} ranks): ZeRO-1 would shard the optimizer "
-            f"state over the replicas that averaging keeps independent. Build the engine with "
-            f"deepspeed.initialize(..., mpu=ReplicaMPU()).")
+            f"the replica ({ranks_per_replica} rank(s)), got {engine.dp_world_size} ranks: "
+            f"ZeRO-1 would shard the optimizer state over the replicas that averaging keeps "
+            f"independent. Build the engine with deepspeed.initialize(..., mpu=ReplicaMPU("
+            f"replica_group, replica_ranks)).")
     masters = opt.single_partition_of_fp32_groups
     params = [(f"zero1.group{i}", m) for i, m in enumerate(masters)]
 
     def after_apply() -> None:
+        import torch.distributed as dist
+        from deepspeed.runtime.utils import all_gather_dp_groups
+
         with torch.no_grad():
-            for flat, master in zip(opt.bit16_groups_flat, masters):
-                flat[:master.numel()].copy_(master.to(flat.dtype))
+            for i, master in enumerate(masters):
+                mine = dist.get_rank(group=opt.real_dp_process_group[i])
+                part = opt.parallel_partitioned_bit16_groups[i][mine]
+                part.copy_(master.to(part.dtype))
+            if ranks_per_replica > 1:
+                all_gather_dp_groups(
+                    groups_flat=opt.bit16_groups_flat,
+                    partitioned_param_groups=opt.parallel_partitioned_bit16_groups,
+                    dp_process_group=opt.real_dp_process_group,
+                    start_alignment_factor=opt.nccl_start_alignment_factor,
+                    allgather_bucket_size=opt.allgather_bucket_size)
 
     return params, after_apply
 
 
 def attach_sparse_averaging(engine, cfg: AveragingConfig, group=None,
-                            names: Optional[dict] = None) -> SparseAverager:
-    """Switch ``engine``'s gradient all-reduce off and average after each optimizer
-    step over ``group`` (default: the world, one replica per rank)."""
+                            names: Optional[dict] = None,
+                            ranks_per_replica: int = 1) -> SparseAverager:
+    """Switch ``engine``'s gradient all-reduce across replicas off and average after each
+    optimizer step over ``group`` (default: the world, one replica per rank). Replicas
+    of ``ranks_per_replica`` > 1 ranks need ZeRO-1 over the replica (``mpu=ReplicaMPU(
+    replica_group, replica_ranks)``) and ``group`` = the ranks at this rank's position in
+    every replica."""
     import deepspeed.comm as dscomm
 
     stage = engine.zero_optimization_stage()
@@ -125,13 +159,18 @@ def attach_sparse_averaging(engine, cfg: AveragingConfig, group=None,
             f"scatters gradients from backward hooks that enable_backward_allreduce does not "
             f"switch off and keeps only a slice of each gradient; ZeRO-3 keeps only a slice of "
             f"each parameter. Use ZeRO stage 0 or 1 (with mpu=ReplicaMPU()).")
-    params, after_apply = _engine_parameters(engine, names)
+    if ranks_per_replica > 1 and stage != 1:
+        raise AveragingError(
+            f"sparse averaging between replicas of {ranks_per_replica} ranks on a DeepSpeed "
+            f"engine needs ZeRO stage 1 inside the replica (got stage {stage}): stage 0 "
+            f"would all-reduce gradients over every rank. Use --zero-stage 1.")
+    params, after_apply = _engine_parameters(engine, names, ranks_per_replica)
     averager = SparseAverager(params, cfg, group=group, comm=dscomm, after_apply=after_apply)
     if stage == 0:
         patching.replace(engine, "enable_backward_allreduce", False, patch=DS_PATCH,
                          label="DeepSpeedEngine.enable_backward_allreduce")
     # ZeRO-1 moves gradients into its fp32 partition inside that "all-reduce"; over the
-    # one-rank replica group (ReplicaMPU) it is bookkeeping only and sends nothing.
+    # replica group (ReplicaMPU) it stays inside the replica (one rank: sends nothing).
     step = engine.step
 
     def step_then_average(*args, **kwargs):

@@ -48,9 +48,12 @@ class ReplicaLayout:
     stage_replica_group: object  # the replica's ranks of this stage, every tensor rank
     table: List[dict] = field(default_factory=list)   # every rank's coordinates
 
-    @property
-    def averaging_world(self) -> int:
-        return self.replicas
+    def table_ranks(self, group: str) -> List[int]:
+        """The ranks of this rank's ``group`` ("replica_group", "averaging", "pipeline",
+        "tensor"), from the start-up table."""
+        import torch.distributed as dist
+
+        return next(r[group] for r in self.table if r["rank"] == dist.get_rank())
 
     def describe(self) -> str:
         """The process-group layout, printed at start-up by rank 0."""

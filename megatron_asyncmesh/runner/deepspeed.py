@@ -24,6 +24,7 @@ from megatron_asyncmesh.checkpoint.deepspeed import check_zero_resume, save_zero
 from megatron_asyncmesh.dataparallel.config import averaging_config
 from megatron_asyncmesh.dataparallel.consensus import consensus
 from megatron_asyncmesh.dataparallel.deepspeed_hook import ReplicaMPU, attach_sparse_averaging
+from megatron_asyncmesh.dataparallel.replicas import replica_layout
 from megatron_asyncmesh.model import build_gpt_stage, global_parameter_names, \
     init_layout_independent
 from megatron_asyncmesh.options import ConfigError
@@ -156,6 +157,11 @@ def check_options(cfg, zero_stage: int) -> None:
             f"reduce-scatters gradients from backward hooks and keeps a slice of each "
             f"gradient, ZeRO-3 a slice of each parameter, so there are no independent whole "
             f"replicas to average. Use --zero-stage 0 or 1.")
+    if sparse and cfg.dp_ranks_per_replica > 1 and zero_stage != 1:
+        raise ConfigError(
+            f"--dp-ranks-per-replica {cfg.dp_ranks_per_replica} on a DeepSpeed engine needs "
+            f"--zero-stage 1 (ZeRO-1 over each replica, its gradient exchange inside it); "
+            f"got --zero-stage {zero_stage}.")
     if (cfg.save or cfg.load) and sparse:
         raise ConfigError(
             f"train_deepspeed {'--save' if cfg.save else '--load'} with --dp-averaging sparse: "
@@ -166,7 +172,8 @@ def check_options(cfg, zero_stage: int) -> None:
 
 class DeepSpeedEngineRun:
     """Training on a DeepSpeed engine (``train_deepspeed``): data parallelism with ZeRO
-    stage 0-3, or sparse averaging between one-rank replicas."""
+    stage 0-3, or sparse averaging between replicas (one rank, or ZeRO-1 over
+    ``--dp-ranks-per-replica`` ranks)."""
 
     name = "deepspeed"
 
@@ -199,12 +206,18 @@ class DeepSpeedEngineRun:
                                         momentum=cfg.sgd_momentum)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: megatron_lr(cfg, step) / cfg.lr)
+        mpu = layout = None
+        if acfg is not None:         # ZeRO-1 (or nothing) inside the replica, averaging across
+            layout = replica_layout(cfg.dp_ranks_per_replica)
+            mpu = ReplicaMPU(layout.replica_group, layout.table_ranks("replica_group"))
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=ds_config(cfg, zero_stage, num_microbatches),
-            mpu=ReplicaMPU() if acfg is not None else None)
-        self.averager = attach_sparse_averaging(self.engine, acfg, names=names) \
-            if acfg else None
+            config=ds_config(cfg, zero_stage, num_microbatches), mpu=mpu)
+        self.averager = attach_sparse_averaging(
+            self.engine, acfg, group=layout.averaging_group, names=names,
+            ranks_per_replica=layout.ranks_per_replica) if acfg else None
+        if layout is not None and dist.get_rank() == 0:
+            print(layout.describe(), flush=True)
         self.load_s = None
         if cfg.load:
             # DeepSpeed restores the module, the (ZeRO-partitioned) optimizer state and the
