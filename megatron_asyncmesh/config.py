@@ -57,6 +57,15 @@ class TrainConfig(RunConfig, CheckpointConfig, DataConfig, OptimConfig, DataPara
         self.validate_averaging(self.seed, self.train_iters)
         # --- rules between components -----------------------------------------------
         self.check_split(self.num_layers, self.pipeline_model_parallel_size)
+        tp = self.tensor_model_parallel_size
+        for name, value in (("num_attention_heads", self.num_attention_heads),
+                            ("ffn_hidden_size", self.resolved_ffn_hidden_size())):
+            if value % tp:
+                raise ConfigError(
+                    f"--tensor-model-parallel-size {tp} does not divide --{flag(name)} {value}: "
+                    f"each tensor-parallel rank holds whole attention heads and an equal "
+                    f"share of the MLP. Use a TP that divides both "
+                    f"({self.num_attention_heads} heads, ffn {self.resolved_ffn_hidden_size()}).")
         if (self.pipeline_schedule != "flush" and self.pipeline_model_parallel_size > 1
                 and not self.untie_embeddings_and_output_weights):
             raise ConfigError(
@@ -87,17 +96,20 @@ class TrainConfig(RunConfig, CheckpointConfig, DataConfig, OptimConfig, DataPara
 
     def validate_world(self, world_size: int) -> int:
         """Check the layout against the world; return the data-parallel size."""
-        pp = self.pipeline_model_parallel_size
-        if world_size % pp:
+        pp, tp = self.pipeline_model_parallel_size, self.tensor_model_parallel_size
+        if world_size % (pp * tp):
             raise ConfigError(
                 f"world size {world_size} is not divisible by --pipeline-model-parallel-size "
-                f"{pp}. Launch PP x DP processes (e.g. {pp} or {2 * pp}).")
-        dp = world_size // pp
+                f"{pp} x --tensor-model-parallel-size {tp} = {pp * tp}. Launch PP x TP x DP "
+                f"processes (e.g. {pp * tp} or {2 * pp * tp}).")
+        dp = world_size // (pp * tp)
         if self.data_parallel_size is not None and self.data_parallel_size != dp:
+            want = pp * tp * self.data_parallel_size
             raise ConfigError(
-                f"world size {world_size} != PP x DP = {pp} x {self.data_parallel_size} = "
-                f"{pp * self.data_parallel_size}. Launch {pp * self.data_parallel_size} "
-                f"processes or change --data-parallel-size / --pipeline-model-parallel-size.")
+                f"world size {world_size} != PP x TP x DP = {pp} x {tp} x "
+                f"{self.data_parallel_size} = {want}. Launch {want} processes or change "
+                f"--data-parallel-size / --pipeline-model-parallel-size / "
+                f"--tensor-model-parallel-size.")
         if self.dp_averaging == "sparse":
             check_ranks_per_replica(self.dp_ranks_per_replica, dp, sparse=True)
         per_step = self.micro_batch_size * dp

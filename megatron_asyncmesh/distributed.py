@@ -34,7 +34,9 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = option(1, "pipeline stages (PP)", "parallel")
     data_parallel_size: Optional[int] = option(
         None, "data-parallel replicas (DP); default world_size / PP", "parallel")
-    tensor_model_parallel_size: int = option(1, "tensor parallel size (1 on CPU)", "parallel")
+    tensor_model_parallel_size: int = option(
+        1, "tensor parallel size (TP): Megatron's column / row-parallel layers split each "
+        "wide matrix over TP ranks of a stage", "parallel")
     use_distributed_optimizer: bool = option(False, "shard optimizer state over DP (ZeRO-1)",
                                              "parallel")
     distributed_timeout_minutes: Optional[float] = option(
@@ -48,10 +50,6 @@ class ParallelConfig:
                 not self.distributed_timeout_minutes > 0:
             raise ConfigError(f"--distributed-timeout-minutes must be > 0, got "
                               f"{self.distributed_timeout_minutes}.")
-        if self.tensor_model_parallel_size != 1:
-            raise ConfigError(
-                f"--tensor-model-parallel-size {self.tensor_model_parallel_size} is not "
-                f"supported: this project parallelises over pipeline and data axes; use 1.")
 
 
 _MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
@@ -127,14 +125,14 @@ def set_cpu_threads(cfg) -> int:
 
 
 def init_model_parallel(cfg) -> int:
-    """Megatron parallel state for TP = 1, PP = cfg's; returns DP. Sparse runs place
+    """Megatron parallel state for cfg's TP and PP; returns DP. Sparse runs place
     ranks replica-major (:func:`rank_order`)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     dp = cfg.validate_world(dist.get_world_size())
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=1,
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         order=rank_order(cfg.dp_averaging == "sparse"))
     torch.manual_seed(cfg.seed)

@@ -161,7 +161,7 @@ def transformer_config(cfg, on_gpu: Optional[bool] = None, kernels: Optional[dic
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         num_layers_in_first_pipeline_stage=cfg.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=cfg.decoder_last_pipeline_num_layers,
-        tensor_model_parallel_size=1,
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         pipeline_dtype=dtype,
         params_dtype=dtype,
         bf16=cfg.bf16,
@@ -192,10 +192,17 @@ def build_gpt_stage(cfg, vocab_size: int):
     from megatron.core.models.gpt import GPTModel
 
     config = transformer_config(cfg)
+    padded = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by)
+    if padded % cfg.tensor_model_parallel_size:
+        raise ConfigError(
+            f"the padded vocabulary ({padded} = {vocab_size} rounded up to "
+            f"--make-vocab-size-divisible-by {cfg.make_vocab_size_divisible_by}) does not split "
+            f"over --tensor-model-parallel-size {cfg.tensor_model_parallel_size}: use a "
+            f"--make-vocab-size-divisible-by that is a multiple of the TP size.")
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(cfg),
-        vocab_size=padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by),
+        vocab_size=padded,
         max_sequence_length=cfg.resolved_max_position_embeddings(),
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
@@ -217,6 +224,27 @@ def build_gpt_stage(cfg, vocab_size: int):
 _SCALED_INIT = ("linear_proj.weight", "linear_fc2.weight")
 _TIED_OUTPUT = "output_layer.weight"
 _WORD_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def _full_shape(param, tp: int) -> tuple:
+    """The shape of ``param`` in the TP = 1 model."""
+    shape = list(param.shape)
+    if tp > 1 and getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= tp
+    return tuple(shape)
+
+
+def _tensor_shard(value: torch.Tensor, param, tp: int, rank: int, gated: bool) -> torch.Tensor:
+    """This tensor-parallel rank's shard of the TP = 1 tensor ``value``, as Megatron's
+    checkpoints lay it out: contiguous chunks along the partition dimension; a gated
+    (SwiGLU) fc1 holds the same chunk of its gate half and of its up half."""
+    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return value
+    dim = param.partition_dim
+    if gated:
+        return torch.cat([half.chunk(tp, dim=dim)[rank] for half in value.chunk(2, dim=dim)],
+                         dim=dim)
+    return value.chunk(tp, dim=dim)[rank]
 
 
 def global_parameter_names(model) -> dict:
@@ -248,12 +276,18 @@ def init_layout_independent(model, cfg) -> None:
     stage 1 of a PP = 2 model gets different numbers than the same layers of a
     PP = 1 model. Keying each draw on the parameter's global name makes the
     initial model identical for every pipeline layout (needed for parity
-    between layouts and for lossless resharding). Distributions are
+    between layouts and for lossless resharding). Under tensor parallelism every
+    rank draws the whole (TP = 1) tensor and keeps its shard, so a TP = 2 model holds
+    exactly the TP = 1 model's weights. Distributions are
     Megatron's: N(0, init_method_std), depth-scaled for the output
     projections; constant-initialised tensors (norms, biases) are kept.
     """
     import hashlib
 
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tied = not cfg.untie_embeddings_and_output_weights
     scaled_std = cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
     with torch.no_grad():
@@ -270,5 +304,8 @@ def init_layout_independent(model, cfg) -> None:
             std = scaled_std if global_name.endswith(_SCALED_INIT) else cfg.init_method_std
             key = hashlib.sha256(f"{cfg.seed}:{global_name}".encode()).digest()
             gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(key[:8], "little"))
-            value = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+            value = torch.empty(_full_shape(param, tp), dtype=torch.float32).normal_(
+                0.0, std, generator=gen)
+            value = _tensor_shard(value, param, tp, tp_rank,
+                                  gated=cfg.swiglu and global_name.endswith("linear_fc1.weight"))
             param.copy_(value.to(param.dtype))

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Convert megatron-asyncmesh checkpoints.
 
-    # pipeline size P -> P' (to 1 included), model + optimizer + LR schedule + iteration
+    # pipeline size P -> P' and / or tensor-parallel size T -> T' (to 1 included),
+    # model + optimizer + LR schedule + iteration
     python tools/convert_checkpoint.py reshard --input runs/a/ckpt --output runs/a/ckpt_pp2 \\
-        --pipeline-model-parallel-size 2 [--drop-async-state]
+        [--pipeline-model-parallel-size 2] [--tensor-model-parallel-size 1] [--drop-async-state]
 
     # to Hugging Face (GPT-2 or Llama style, from the model config), any pipeline size
     python tools/convert_checkpoint.py hf-export --input runs/a/ckpt --output runs/a/hf [--replica R]
@@ -38,7 +39,7 @@ def _replica(value: str):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("reshard", "change the pipeline size"),
+    for name, text in (("reshard", "change the pipeline and / or tensor-parallel size"),
                        ("hf-export", "project checkpoint -> Hugging Face"),
                        ("hf-import", "Hugging Face -> project checkpoint (weights only)"),
                        ("zero-export", "DeepSpeed ZeRO checkpoint -> Hugging Face")):
@@ -47,7 +48,10 @@ def main(argv=None) -> int:
         p.add_argument("--output", required=True)
         p.add_argument("--overwrite", action="store_true", help="replace an existing output")
         if name == "reshard":
-            p.add_argument("--pipeline-model-parallel-size", type=int, required=True)
+            p.add_argument("--pipeline-model-parallel-size", type=int, default=None,
+                           help="new pipeline size (default: the checkpoint's)")
+            p.add_argument("--tensor-model-parallel-size", type=int, default=None,
+                           help="new tensor-parallel size (default: the checkpoint's)")
             p.add_argument("--drop-async-state", action="store_true",
                            help="write a flush checkpoint when the new layout needs weight "
                                 "versions the input does not hold")
@@ -58,11 +62,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "reshard":
-            if args.pipeline_model_parallel_size < 1:
-                raise ConfigError(f"--pipeline-model-parallel-size must be >= 1, got "
-                                  f"{args.pipeline_model_parallel_size}.")
+            for flag_name in ("pipeline_model_parallel_size", "tensor_model_parallel_size"):
+                value = getattr(args, flag_name)
+                if value is not None and value < 1:
+                    raise ConfigError(f"--{flag_name.replace('_', '-')} must be >= 1, got "
+                                      f"{value}.")
             convert.reshard(args.input, args.output, args.pipeline_model_parallel_size,
-                            args.drop_async_state, args.overwrite)
+                            args.drop_async_state, args.overwrite,
+                            tensor_size=args.tensor_model_parallel_size)
         elif args.command == "hf-export":
             convert.export_hf(args.input, args.output, args.replica, args.overwrite)
         elif args.command == "hf-import":

@@ -104,7 +104,8 @@ def single_process(cfg: TrainConfig):
     cfg = dataclasses.replace(cfg, pipeline_model_parallel_size=1, data_parallel_size=None,
                               decoder_first_pipeline_num_layers=None,
                               decoder_last_pipeline_num_layers=None,
-                              use_distributed_optimizer=False, dp_ranks_per_replica=1)
+                              use_distributed_optimizer=False, dp_ranks_per_replica=1,
+                              tensor_model_parallel_size=1)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(var, None)
     mdist.init_distributed()
@@ -374,15 +375,25 @@ def export_zero(checkpoint: str, output: str, overwrite: bool = False, log=print
 
 
 # --------------------------------------------------------------------------- reshard
-def reshard(checkpoint: str, output: str, pipeline_size: int, drop_async_state: bool = False,
-            overwrite: bool = False, log=print) -> dict:
-    """P -> P' through a P'-rank gloo job (``torchrun``): each new stage loads its part
-    of every layout-independent tensor and the checkpoint is saved at P'."""
+def reshard(checkpoint: str, output: str, pipeline_size: Optional[int] = None,
+            drop_async_state: bool = False, overwrite: bool = False, log=print,
+            tensor_size: Optional[int] = None) -> dict:
+    """(P, T) -> (P', T') through a P' x T'-rank gloo job (``torchrun``): each new stage
+    and tensor shard loads its part of every layout-independent tensor (Megatron's
+    sharded tensors carry their global shape and offsets) and the checkpoint is saved
+    at P', T'. None keeps the saved size."""
     import subprocess
 
 
     directory, meta, cfg = read_checkpoint(checkpoint)
     layout = meta["layout"]
+    if pipeline_size is None:
+        pipeline_size = layout["pipeline_model_parallel_size"]
+    if tensor_size is None:
+        tensor_size = layout.get("tensor_model_parallel_size", 1)
+    if cfg.num_attention_heads % tensor_size:
+        raise ConfigError(f"--tensor-model-parallel-size {tensor_size} does not divide the "
+                          f"model's {cfg.num_attention_heads} attention heads.")
     if layout.get("dp_averaging") == "sparse" and meta.get("contents", "full") == "full":
         raise ConfigError(
             f"{directory} holds independent replicas (--dp-averaging sparse) whose averaging "
@@ -393,9 +404,9 @@ def reshard(checkpoint: str, output: str, pipeline_size: int, drop_async_state: 
                           f"the model's {cfg.num_layers} layers.")
     with output_dir(output, overwrite) as out:
         job = {"input": directory, "output": out, "pipeline_size": pipeline_size,
-               "drop_async_state": drop_async_state}
+               "tensor_size": tensor_size, "drop_async_state": drop_async_state}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-               str(pipeline_size), "--master_addr", "127.0.0.1", "--master_port",
+               str(pipeline_size * tensor_size), "--master_addr", "127.0.0.1", "--master_port",
                str(mdist.free_port()), "-m", "megatron_asyncmesh.checkpoint.convert",
                json.dumps(job)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -406,9 +417,11 @@ def reshard(checkpoint: str, output: str, pipeline_size: int, drop_async_state: 
                       if ln.startswith(("CheckpointError: ", "ConfigError: "))]
             raise CheckpointError("resharding failed: " + (reason[0] if reason else
                                                           "\n".join(lines[-20:])))
-    log(f"resharded {directory} (P = {layout['pipeline_model_parallel_size']}) to P = "
-        f"{pipeline_size}: {output}")
-    return {"from": layout["pipeline_model_parallel_size"], "to": pipeline_size}
+    was = (layout["pipeline_model_parallel_size"], layout.get("tensor_model_parallel_size", 1))
+    log(f"resharded {directory} (P = {was[0]}, T = {was[1]}) to P = {pipeline_size}, "
+        f"T = {tensor_size}: {output}")
+    return {"from": was[0], "to": pipeline_size, "tensor_from": was[1],
+            "tensor_to": tensor_size}
 
 
 def _reshard_worker(job: dict) -> None:
@@ -422,6 +435,7 @@ def _reshard_worker(job: dict) -> None:
     cfg = dataclasses.replace(
         saved, pipeline_model_parallel_size=job["pipeline_size"], data_parallel_size=1,
         decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
+        tensor_model_parallel_size=job.get("tensor_size", 1),
         use_distributed_optimizer=False, dp_averaging="none", dp_ranks_per_replica=1,
         load=root, save=job["output"], save_keep_last=0)
     if job["drop_async_state"]:
@@ -439,11 +453,13 @@ def _reshard_worker(job: dict) -> None:
         raise
     except (Exception, CheckpointException) as exc:    # DCP's is a BaseException
         raise CheckpointError(
-            f"{directory} cannot be loaded at P = {cfg.pipeline_model_parallel_size} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). With "
-            f"--pipeline-schedule {saved.pipeline_schedule} the new stages need weight "
-            f"versions the checkpoint does not hold; pass --drop-async-state to keep weights, "
-            f"optimizer and schedule (a flush checkpoint).") from None
+            f"{directory} cannot be loaded at P = {cfg.pipeline_model_parallel_size}, T = "
+            f"{cfg.tensor_model_parallel_size} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300]}). With --pipeline-schedule "
+            f"{saved.pipeline_schedule} the new stages need weight versions the checkpoint "
+            f"does not hold (they are kept per stage and per tensor shard); pass "
+            f"--drop-async-state to keep weights, optimizer and schedule (a flush "
+            f"checkpoint).") from None
     schedule = None
     if cfg.pipeline_schedule != "flush":
         schedule = AsyncPipelineSchedule(cfg.pipeline_schedule, start_step=iteration)

@@ -35,8 +35,8 @@ FORMAT_VERSION = 1
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
                 "untie_embeddings_and_output_weights", "position_embedding_type",
                 "normalization", "swiglu")
-LAYOUT_FIELDS = ("pipeline_model_parallel_size", "pipeline_schedule", "dp_averaging",
-                 "data_parallel_size")
+LAYOUT_FIELDS = ("pipeline_model_parallel_size", "tensor_model_parallel_size",
+                 "pipeline_schedule", "dp_averaging", "data_parallel_size")
 
 
 def iter_dir(root: str, iteration: int) -> str:
@@ -318,6 +318,15 @@ def verify(directory: str, cfg=None,
                 f"tools/convert_checkpoint.py hf-export then hf-import.")
         if meta.get("contents", "full") == "model":
             return meta                   # weights only: any layout, fresh optimizer
+        tp = saved.get("tensor_model_parallel_size", 1), mine["tensor_model_parallel_size"]
+        if tp[0] != tp[1] and not reshard:
+            raise CheckpointError(
+                f"{directory} was saved with --tensor-model-parallel-size {tp[0]}, this run "
+                f"has {tp[1]}: its optimizer state and weight versions are split {tp[0]} "
+                f"ways. Resume with --tensor-model-parallel-size {tp[0]}, or convert it: "
+                f"python tools/convert_checkpoint.py reshard --input {directory} --output "
+                f"NEW_DIR --tensor-model-parallel-size {tp[1]}, or evaluate / export it "
+                f"as it is (tools/evaluate.py, convert_checkpoint.py hf-export read any TP).")
         pp = saved["pipeline_model_parallel_size"], mine["pipeline_model_parallel_size"]
         if pp[0] != pp[1] and not reshard:
             raise CheckpointError(

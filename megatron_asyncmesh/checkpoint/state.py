@@ -138,9 +138,12 @@ def _state(model, optimizer, scheduler, iteration: int, is_loading: bool,
         from megatron_asyncmesh.sharding import standalone
 
         stage = parallel_state.get_pipeline_model_parallel_rank()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        where = f"stage{stage}" + (f".tp{parallel_state.get_tensor_model_parallel_rank()}"
+                                   if tp > 1 else "")
         tensors = averager.state_template(iteration) if is_loading else averager.state_dict()
         # The replica's ranks hold the same averaging state (parts exchanged on save).
-        state["dp_averaging"] = {k: standalone(f"dp_averaging.stage{stage}.{k}", t,
+        state["dp_averaging"] = {k: standalone(f"dp_averaging.{where}.{k}", t,
                                                averager.part_index)
                                  for k, t in tensors.items()}
         state["dp_averaging_mode"] = "sparse"
