@@ -118,7 +118,11 @@ def final_table(summary: Dict[str, Any]) -> str:
     rows = [
         ("train_iters", summary.get("train_iters")),
         ("layout", f"PP={summary['pipeline_model_parallel_size']} x "
-                   f"DP={summary['data_parallel_size']}"),
+                   + (f"TP={tp} x " if (tp := (summary.get("config") or {}).get(
+                       "tensor_model_parallel_size", 1)) > 1 else "")
+                   + f"DP={summary['data_parallel_size']}"
+                   + (f" ({r} ranks per replica)" if (r := (summary.get("config") or {}).get(
+                       "dp_ranks_per_replica", 1)) > 1 else "")),
         ("first val_loss", f"{val[0]['val_loss']:.4f}" if val else "n/a"),
         ("final val_loss", _fmt(summary.get("final_val_loss"))),
         ("final train loss", _fmt(summary.get("final_train_loss"))),
