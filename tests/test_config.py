@@ -34,7 +34,7 @@ def test_layers_not_divisible_by_pipeline():
 
 def test_world_size_must_be_pp_times_dp():
     cfg = TrainConfig(pipeline_model_parallel_size=2, data_parallel_size=2)
-    with pytest.raises(ConfigError, match=r"world size 2 != PP x DP = 2 x 2 = 4"):
+    with pytest.raises(ConfigError, match=r"world size 2 != PP x TP x DP = 2 x 1 x 2 = 4"):
         cfg.validate_world(2)
     with pytest.raises(ConfigError, match="world size 3 is not divisible"):
         TrainConfig(pipeline_model_parallel_size=2).validate_world(3)
@@ -68,7 +68,7 @@ def test_bad_layout_from_the_entry_point(tmp_path, data_args):
     res = train(str(tmp_path), 2, [*data_args, "--data-parallel-size", "4"], check=False,
                 timeout=120)
     assert res.returncode != 0 and not res.timed_out
-    assert "world size 2 != PP x DP = 1 x 4 = 4" in res.output
+    assert "world size 2 != PP x TP x DP = 1 x 1 x 4 = 4" in res.output
 
 
 def test_named_configs_are_valid():
