@@ -42,7 +42,6 @@ class ReplicaLayout:
     replica: int                 # this rank's replica
     replica_rank: int            # this rank's position inside its replica
     replica_group: object        # the replica's R ranks of this stage (gradient all-reduce)
-    replica_group_gloo: object   # the same ranks on gloo (Megatron's checkpoint metadata)
     averaging_group: object      # the replicas' ranks holding the same parameters
     whole_replica_group: object  # every rank of this replica, all stages (its grad norm)
     stage_replica_group: object  # the replica's ranks of this stage, every tensor rank
@@ -77,7 +76,7 @@ class ReplicaLayout:
         return "\n".join(lines)
 
 
-_cache: Dict[int, ReplicaLayout] = {}
+_cache: Dict[tuple, ReplicaLayout] = {}
 
 
 def _enumerate(rows: List[dict], key) -> List[List[int]]:
@@ -90,12 +89,16 @@ def _enumerate(rows: List[dict], key) -> List[List[int]]:
 
 
 def replica_layout(ranks_per_replica: int = 1) -> ReplicaLayout:
-    """This rank's replica and its groups (built once per process; collective)."""
-    if ranks_per_replica in _cache:
-        return _cache[ranks_per_replica]
+    """This rank's replica and its groups (collective; built once per process and
+    layout: every rank sees the same sizes, so all agree whether to build)."""
     import socket
 
     from megatron.core import parallel_state as ps
+
+    key = (ranks_per_replica, ps.get_pipeline_model_parallel_world_size(),
+           ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size())
+    if key in _cache:
+        return _cache[key]
 
     dp = ps.get_data_parallel_world_size()
     replicas = check_ranks_per_replica(ranks_per_replica, dp, True)
@@ -116,13 +119,12 @@ def replica_layout(ranks_per_replica: int = 1) -> ReplicaLayout:
         row["replica_group"] = next(g for g in inner if row["rank"] in g)
         row["averaging"] = next(g for g in across if row["rank"] in g)
     replica_group, _ = dist.new_subgroups_by_enumeration(inner)
-    replica_group_gloo, _ = dist.new_subgroups_by_enumeration(inner, backend="gloo")
     averaging_group, _ = dist.new_subgroups_by_enumeration(across)
     whole_group, _ = dist.new_subgroups_by_enumeration(whole)
     stage_group, _ = dist.new_subgroups_by_enumeration(stage)
     layout = ReplicaLayout(r, replicas, mine["replica"], mine["replica_rank"], replica_group,
-                           replica_group_gloo, averaging_group, whole_group, stage_group, rows)
-    _cache[ranks_per_replica] = layout
+                           averaging_group, whole_group, stage_group, rows)
+    _cache[key] = layout
     return layout
 
 
