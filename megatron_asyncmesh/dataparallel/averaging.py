@@ -53,6 +53,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_asyncmesh.dataparallel.consensus import write_flat
+
 CORRECTIONS = ("avg", "drift", "ema")
 SELECTORS = ("block", "partition", "bernoulli")
 
@@ -511,15 +513,20 @@ class SparseAverager:
         return buffer, buffer[self.part_index * size:(self.part_index + 1) * size]
 
     def _exchange_parts(self, item: _Pending) -> None:
-        """Every rank of the replica gets every part of ``item``'s average (an all-gather
-        inside the replica; on NCCL the wait orders streams and does not block the host)."""
+        """Every rank of the replica gets every part of ``item``'s average."""
         if item.part is None:
             return
-        mine = item.part.clone()
-        self.comm.all_gather_into_tensor(item.buffer, mine, group=self.replica_group)
-        self.replica_bytes_sent += mine.numel() * mine.element_size() * (self.parts - 1)
+        self._all_gather_parts(item.buffer, item.part)
         item.buffer = item.buffer[:item.snapshot.numel()]
         item.part = None
+
+    def _all_gather_parts(self, buffer: torch.Tensor, part: torch.Tensor) -> None:
+        """``buffer`` gets every rank's ``part`` (a view of it) from the replica's ranks: an
+        all-gather inside the replica; on NCCL the wait orders streams and does not block
+        the host."""
+        mine = part.clone()
+        self.comm.all_gather_into_tensor(buffer, mine, group=self.replica_group)
+        self.replica_bytes_sent += mine.numel() * mine.element_size() * (self.parts - 1)
 
     def _select(self, step: int) -> list:
         """Step ``step``'s selection. The selector counts sparse steps, so its first
@@ -536,14 +543,8 @@ class SparseAverager:
             whole = torch.cat([p.detach().float().reshape(-1) for p in self.params])
             buffer, part = self._parts(whole)
             self.comm.all_reduce(part, group=self.group)
-            item = _Pending(-1, whole, buffer, None, [], part)
-            self._exchange_parts(item)
-            mean = item.buffer.div_(self.world)
-            offset = 0
-            with torch.no_grad():
-                for p in self.params:
-                    p.copy_(mean[offset:offset + p.numel()].view_as(p))
-                    offset += p.numel()
+            self._all_gather_parts(buffer, part)
+            write_flat(self.params, buffer[:whole.numel()].div_(self.world))
             sent, elements = part.numel() * part.element_size(), part.numel()
         elif self.world > 1:
             with torch.no_grad():
@@ -610,9 +611,9 @@ class SparseAverager:
     def wait_in_flight(self) -> None:
         """Wait for every launched all-reduce without applying it (the delay queue
         is unchanged); replicas of several ranks exchange their parts (a collective of
-        the replica: every rank calls this at the same point). Call before a process group goes away: gloo runs async
-        collectives on worker threads, and a peer leaving while one of them still
-        runs aborts the process."""
+        the replica: every rank calls this at the same point). Call before a process
+        group goes away: gloo runs async collectives on worker threads, and a peer
+        leaving while one of them still runs aborts the process."""
         for item in self.pending:
             if item.work is not None:
                 item.work.wait()
@@ -699,7 +700,8 @@ class SparseAverager:
                 "bytes_sent": self.bytes_sent,
                 "bytes_per_step": self.bytes_sent / self.steps if self.steps else 0.0,
                 "replica_bytes_sent": self.replica_bytes_sent,
-                "replicas": self.world, "ranks_per_replica": self.parts, **{f"cfg_{k}": v for k, v in asdict(self.cfg).items()}}
+                "replicas": self.world, "ranks_per_replica": self.parts,
+                **{f"cfg_{k}": v for k, v in asdict(self.cfg).items()}}
 
 
 def expected_elements_per_step(numels: Sequence[int], fraction: float, step: int) -> int:

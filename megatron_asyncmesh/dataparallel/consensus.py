@@ -22,7 +22,8 @@ def _mean(params: Sequence[torch.Tensor], group) -> torch.Tensor:
     return flat.div_(dist.get_world_size(group=group))
 
 
-def _write(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+def write_flat(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy consecutive slices of ``flat`` into ``params`` (in their dtype)."""
     offset = 0
     with torch.no_grad():
         for p in params:
@@ -37,7 +38,7 @@ def consensus(params: Sequence[torch.Tensor], group) -> Iterator[int]:
     again. Yields the bytes this rank handed to the all-reduce."""
     saved = [p.detach().clone() for p in params]
     flat = _mean(params, group)
-    _write(params, flat)
+    write_flat(params, flat)
     try:
         yield flat.numel() * flat.element_size()
     finally:
@@ -51,7 +52,7 @@ def average_replicas(params: Sequence[torch.Tensor], group, after=None) -> int:
     optimizer updates (a mixed-precision optimizer's fp32 main parameters, then
     ``after()`` copies them into the model). Returns the bytes sent."""
     flat = _mean(params, group)
-    _write(params, flat)
+    write_flat(params, flat)
     if after is not None:
         after()
     return flat.numel() * flat.element_size()

@@ -50,8 +50,6 @@ class ReplicaLayout:
     def table_ranks(self, group: str) -> List[int]:
         """The ranks of this rank's ``group`` ("replica_group", "averaging", "pipeline",
         "tensor"), from the start-up table."""
-        import torch.distributed as dist
-
         return next(r[group] for r in self.table if r["rank"] == dist.get_rank())
 
     def describe(self) -> str:

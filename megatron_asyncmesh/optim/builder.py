@@ -164,19 +164,25 @@ def _wrap_layer_wise_fp32(optimizer, opt_cfg) -> None:
                          label="LayerWiseDistributedOptimizer.config")
 
 
-def ready_to_load(optimizer) -> None:
-    """Before a checkpoint is read into ``optimizer``: Megatron's ``DistributedOptimizer``
-    builds its loading template from its torch optimizer's state, which torch's Adam
-    creates only at the first step (and Megatron's own init function leaves out
-    ``step``, which the template asserts on without Transformer Engine or Apex). Give
-    every such Adam its zero state first; the checkpoint overwrites it."""
+def _distributed_adams(optimizer):
+    """The torch Adam / AdamW inside each of ``optimizer``'s ``DistributedOptimizer``s."""
     import torch
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     for leaf in leaf_optimizers(optimizer):
         if isinstance(leaf, DistributedOptimizer) and \
                 isinstance(leaf.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            _adam_init_state_fn(leaf.optimizer)
+            yield leaf.optimizer
+
+
+def ready_to_load(optimizer) -> None:
+    """Before a checkpoint is read into ``optimizer``: Megatron's ``DistributedOptimizer``
+    builds its loading template from its torch optimizer's state, which torch's Adam
+    creates only at the first step (and Megatron's own init function leaves out
+    ``step``, which the template asserts on without Transformer Engine or Apex). Give
+    every such Adam its zero state first; the checkpoint overwrites it."""
+    for adam in _distributed_adams(optimizer):
+        _adam_init_state_fn(adam)
 
 
 def finish_load(optimizer) -> None:
@@ -186,18 +192,15 @@ def finish_load(optimizer) -> None:
     value (0, see :func:`ready_to_load`), so the resumed run would take larger steps.
     Set it from the groups."""
     import torch
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    for leaf in leaf_optimizers(optimizer):
-        if isinstance(leaf, DistributedOptimizer) and \
-                isinstance(leaf.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            for group in leaf.optimizer.param_groups:
-                if group.get("step") is None:
-                    continue
-                for p in group["params"]:
-                    state = leaf.optimizer.state.get(p)
-                    if state and "step" in state:
-                        state["step"] = torch.tensor(float(group["step"]))
+    for adam in _distributed_adams(optimizer):
+        for group in adam.param_groups:
+            if group.get("step") is None:
+                continue
+            for p in group["params"]:
+                state = adam.state.get(p)
+                if state and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]))
 
 
 def _adam_init_state_fn(opt, config=None) -> None:
