@@ -5,9 +5,10 @@ import pytest
 from tests.harness import read_summary, train
 
 
-# torchrun runs almost every other test (tests/test_parity.py checks what it reports) and
-# the deepspeed launcher runs the PP x DP mesh (tests/test_checkpoint.py).
-@pytest.mark.parametrize("launcher,expected", [("mpirun", "mpi")])
+# The other tests start their ranks with tests/fork_launcher.py (torchrun's environment,
+# one warm parent); the deepspeed launcher runs the PP x DP mesh in
+# tests/test_checkpoint.py, and torchrun and mpirun run here.
+@pytest.mark.parametrize("launcher,expected", [("torchrun", "env"), ("mpirun", "mpi")])
 def test_two_rank_job(tmp_path, data_args, launcher, expected):
     run_dir = str(tmp_path)
     train(run_dir, 2, [*data_args, "--train-iters", "4", "--lr-warmup-iters", "1",
