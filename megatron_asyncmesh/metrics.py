@@ -17,7 +17,8 @@ from typing import Any, Dict, Optional
 
 TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "step_time_s", "tokens_per_s",
               "dp_bytes_sent")
-EVAL_KEYS = ("step", "val_loss", "val_ppl", "consensus_val_loss", "consensus_bytes")
+EVAL_KEYS = ("step", "val_loss", "val_ppl", "consensus_val_loss", "consensus_bytes",
+             "train_time_s")
 CHECKPOINT_KEYS = ("step", "checkpoint_save_s", "drain_step_s")
 SUMMARY_KEYS = (
     "engine", "zero_stage", "final_val_loss", "consensus_val_loss", "final_average_bytes",

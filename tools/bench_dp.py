@@ -17,8 +17,9 @@ Part 1, loopback (``--steps`` steps, default 600):
     dense-avg-tau0       parameter averaging of every coordinate every step (p = 1, tau = 0):
                          what replacing gradient averaging by parameter averaging costs
 
-Part 2, a 100 Mbit/s link (``--link``): the two replicas in two network
-namespaces joined by a veth pair shaped with ``tc qdisc ... tbf``; a wider
+Part 2, a 100 Mbit/s link (``--link``): the two replicas on two emulated hosts
+(network namespaces on a bridge, each link shaped with ``tc qdisc ... tbf``,
+``tools/shaped_net.py``); a wider
 model whose gradients (tens of MB per step) dominate the step; ZeRO-1 against
 sparse averaging on the same DeepSpeed engine. Needs root (``ip netns``);
 skipped with a message otherwise.
@@ -37,13 +38,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from shaped_net import IFNAME, StarNetwork, unavailable  # noqa: E402
 
 MODEL = ["--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
          "--seq-length", "128", "--micro-batch-size", "4", "--global-batch-size", "16",
@@ -95,6 +98,7 @@ LINK_RUNS = {
                               "--dp-correction", "ema"],
 }
 REFERENCE = "megatron-sync"
+DENSE_REFERENCE = "dense-avg-tau0"
 ENTRY = {"train": "megatron_asyncmesh.train", "deepspeed": "megatron_asyncmesh.train_deepspeed"}
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296",
           "MALLOC_TOP_PAD_": "268435456"}
@@ -140,45 +144,10 @@ def run_loopback(out: str, name: str, steps: int, global_batch: int,
 
 
 # --------------------------------------------------------------------------- link
-NS = ("asyncmesh_a", "asyncmesh_b")
-ADDR = ("10.77.0.1", "10.77.0.2")
+LINK_HOSTS = 2
 
 
-def _sh(*cmd, check=True):
-    return subprocess.run(list(cmd), check=check, capture_output=True, text=True)
-
-
-def link_available() -> str:
-    """'' when namespaces can be made, else why not."""
-    if os.geteuid() != 0:
-        return "not root: `ip netns` needs root; run the link part as root"
-    if shutil.which("ip") is None or shutil.which("tc") is None:
-        return "`ip` or `tc` (iproute2) not installed"
-    return ""
-
-
-def link_up(rate: str) -> None:
-    link_down()
-    for ns in NS:
-        _sh("ip", "netns", "add", ns)
-    _sh("ip", "link", "add", "am_veth0", "type", "veth", "peer", "name", "am_veth1")
-    for i, ns in enumerate(NS):
-        dev = f"am_veth{i}"
-        _sh("ip", "link", "set", dev, "netns", ns)
-        _sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{ADDR[i]}/24", "dev", dev)
-        _sh("ip", "netns", "exec", ns, "ip", "link", "set", dev, "up")
-        _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        # Token bucket on each side's egress: `rate` each way.
-        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-            "rate", rate, "burst", "64kb", "latency", "500ms")
-
-
-def link_down() -> None:
-    for ns in NS:
-        _sh("ip", "netns", "del", ns, check=False)
-
-
-def run_link(out: str, name: str, steps: int, rate: str) -> dict:
+def run_link(net, out: str, name: str, steps: int, rate: str) -> dict:
     from megatron_asyncmesh.metrics import finish_bench_run, start_bench_run
 
     args = [*WIDE, *LINK_RUNS[name], "--train-iters", str(steps), "--lr-warmup-iters", "2",
@@ -191,10 +160,11 @@ def run_link(out: str, name: str, steps: int, rate: str) -> dict:
                PYTHONWARNINGS="ignore", **MALLOC)
     procs, logs = [], []
     t0 = time.time()
-    for i, ns in enumerate(NS):
-        cmd = ["ip", "netns", "exec", ns, "env", f"GLOO_SOCKET_IFNAME=am_veth{i}",
-               sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
-               str(i), "--nproc_per_node", "1", "--master_addr", ADDR[0], "--master_port",
+    for i in range(LINK_HOSTS):
+        cmd = [*net.exec_prefix(i), "env", f"GLOO_SOCKET_IFNAME={IFNAME}",
+               sys.executable, "-m", "torch.distributed.run", "--nnodes", str(LINK_HOSTS),
+               "--node_rank", str(i), "--nproc_per_node", "1", "--master_addr", net.addr(0),
+               "--master_port",
                "29777", "-m", ENTRY["deepspeed"], *args[:-1], "--run-dir", run_dir]
         logs.append(open(os.path.join(run_dir, f"log{i}.txt"), "w"))
         procs.append(subprocess.Popen(cmd, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
@@ -217,7 +187,9 @@ def load(run_dir: str) -> dict:
     with open(os.path.join(run_dir, "summary.json")) as f:
         s = json.load(f)
     _, val = read_metrics(run_dir)
-    return {"final_val_loss": s["final_val_loss"], "tokens_per_s": s.get("tokens_per_s"),
+    return {"final_val_loss": s["final_val_loss"],
+            "consensus_val_loss": s.get("consensus_val_loss"),
+            "tokens_per_s": s.get("tokens_per_s"),
             "steady_tokens_per_s": s.get("steady_tokens_per_s"),
             "bytes_per_step": bytes_per_step(s),
             "val": [(r["step"], r["val_loss"]) for r in val]}
@@ -242,31 +214,51 @@ def bytes_per_step(s: dict) -> dict:
     return {"grad_all_reduce": grad} if grad else {}
 
 
+def model_loss(r: dict) -> float:
+    """The loss of the run's one model: the replicas' mean (consensus) for parameter
+    averaging, as the AsyncMesh paper evaluates; the model itself otherwise."""
+    c = r.get("consensus_val_loss")
+    return c if c is not None else r["final_val_loss"]
+
+
+def _rel(r: dict, ref: dict | None) -> str:
+    return f"{100 * (model_loss(r) / model_loss(ref) - 1):+.2f} %" if ref else ""
+
+
 def report(out: str, results: dict, link: dict, link_note: str, global_batch: int = 16,
            lr: float | None = None) -> str:
-    ref = results.get(REFERENCE)
+    ref, dense = results.get(REFERENCE), results.get(DENSE_REFERENCE)
     zero1 = results.get("zero1")
     zero1_grad = (zero1 or {}).get("bytes_per_step", {}).get("all_reduce")
     lines = [f"# Data parallelism, DP = 2, equal tokens (loopback, global batch {global_batch} "
              f"x {MODEL[MODEL.index('--seq-length') + 1]} tokens)", "",
-             "| run | final val loss | vs megatron-sync | bytes/step/rank (by collective) | "
-             "vs ZeRO-1 gradient bytes | tokens/s |", "|---|---|---|---|---|---|"]
+             "Losses compared are each run's one model: the replicas' mean (consensus) for "
+             "parameter averaging. Two references: synchronous gradient data parallelism "
+             f"({REFERENCE}) and dense parameter averaging, every coordinate every step "
+             f"({DENSE_REFERENCE}, the AsyncMesh paper's synchronous run). Mesh runs are "
+             f"also compared with their own synchronous reference ({MESH_REFERENCE}).", "",
+             "| run | val loss (replica) | consensus val loss | vs gradient DP | "
+             "vs dense averaging | bytes/step/rank (by collective) | vs ZeRO-1 gradient bytes | "
+             "tokens/s |", "|---|---|---|---|---|---|---|---|"]
     mesh_ref = results.get(MESH_REFERENCE)
     for name in RUNS:
         r = results.get(name)
         if r is None:
-            lines.append(f"| {name} | not run | | | | |")
+            lines.append(f"| {name} | not run | | | | | | |")
             continue
-        rel = f"{100 * (r['final_val_loss'] / ref['final_val_loss'] - 1):+.2f} %" if ref else ""
-        if name.startswith("mesh-") and name != MESH_REFERENCE and mesh_ref:
-            rel += (f" ({100 * (r['final_val_loss'] / mesh_ref['final_val_loss'] - 1):+.2f} % "
-                    f"vs {MESH_REFERENCE})")
+        vs_grad, vs_dense = _rel(r, ref), _rel(r, dense)
+        if name.startswith("mesh-"):
+            vs_dense = ""            # PP = 2 x DP = 2: its own reference instead
+            if name != MESH_REFERENCE and mesh_ref:
+                vs_grad += f" ({_rel(r, mesh_ref)} vs {MESH_REFERENCE})"
         b = r["bytes_per_step"]
         total = sum(b.values())
         ratio = f"1/{zero1_grad / total:.1f}" if zero1_grad and total else ""
         desc = ", ".join(f"{k} {v / 1e6:.3f} MB" for k, v in b.items())
-        lines.append(f"| {name} | {r['final_val_loss']:.4f} | {rel} | {desc} | {ratio} | "
-                     f"{r['tokens_per_s'] or 0:.0f} |")
+        cons = r.get("consensus_val_loss")
+        lines.append(f"| {name} | {r['final_val_loss']:.4f} | "
+                     f"{f'{cons:.4f}' if cons is not None else ''} | {vs_grad} | {vs_dense} | "
+                     f"{desc} | {ratio} | {r['tokens_per_s'] or 0:.0f} |")
     lines += ["", "# Across a shaped link (two network namespaces, veth + tbf)", ""]
     if link:
         lines += ["| run | bytes/step/rank | tokens/s | final val loss |", "|---|---|---|---|"]
@@ -345,7 +337,7 @@ def main(argv=None) -> int:
                 results[name] = load(run_dir)
             continue
         results[name] = run_loopback(a.out, name, a.steps, a.global_batch_size, a.lr)
-    link_note = "--no-link" if a.no_link else link_available()
+    link_note = "--no-link" if a.no_link else unavailable()
     wanted = [n for n in LINK_RUNS if not a.only or n in a.only]
     for name in LINK_RUNS:
         run_dir = os.path.join(a.out, "runs", name)
@@ -353,12 +345,9 @@ def main(argv=None) -> int:
                 a.report or link_note or name not in wanted):
             link[name] = load(run_dir)
     if not a.report and not link_note and wanted:
-        link_up(a.link_rate)
-        try:
+        with StarNetwork(LINK_HOSTS, a.link_rate) as net:
             for name in wanted:
-                link[name] = run_link(a.out, name, a.link_steps, a.link_rate)
-        finally:
-            link_down()
+                link[name] = run_link(net, a.out, name, a.link_steps, a.link_rate)
     elif link_note:
         print(f"shaped-link part skipped: {link_note}", flush=True)
     print(report(a.out, results, link, link_note, a.global_batch_size, a.lr))

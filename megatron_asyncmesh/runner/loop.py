@@ -65,6 +65,9 @@ def run(cfg, engine_cls, **engine_kwargs) -> dict:
     stats = None
     tokens_per_step = gb * cfg.seq_length
     train_time, timed_steps, steady_time, steady_steps = 0.0, 0, 0.0, 0
+    # Seconds spent in training steps so far, every step counted (evaluations and
+    # checkpoints not): the wall-clock axis of time-to-target comparisons.
+    train_clock = 0.0
     last_step = cfg.train_iters
     dt = 0.0
     # Device synchronisations inside training steps (counted by the CPU layer; None on a
@@ -80,9 +83,10 @@ def run(cfg, engine_cls, **engine_kwargs) -> dict:
             mean = engine.consensus_evaluate(valid)
             rec = {"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
                    "consensus_val_loss": mean[0] if mean else None,
-                   "consensus_bytes": mean[1] if mean else 0}
+                   "consensus_bytes": mean[1] if mean else 0,
+                   "train_time_s": round(train_clock, 3)}
             val_history.append({k: rec[k] for k in ("step", "val_loss",
-                                                    "consensus_val_loss")})
+                                                    "consensus_val_loss", "train_time_s")})
             writer.log(rec)
 
     def is_save_step(step: int) -> bool:
@@ -126,6 +130,7 @@ def run(cfg, engine_cls, **engine_kwargs) -> dict:
             t0 = time.perf_counter()
             record = engine.train_step(train_it, step, drain)
             dt = time.perf_counter() - t0
+            train_clock += dt
             if step_syncs is not None:
                 step_syncs += cpu_compat.device_synchronizations() - syncs_before
             if step > start_iter + 1:  # the first step includes one-off set-up work

@@ -1,0 +1,240 @@
+#!/usr/bin/env python
+"""Time to target loss across slow links: the full mesh against synchronous Megatron and ZeRO-1.
+
+Every rank of a PP = 2 x DP = 2 job (4 ranks) runs on its own emulated host: its own
+network namespace, one link to a bridge, shaped with ``tc tbf`` at ``--rates`` in both
+directions (``tools/shaped_net.py``). So every pipeline link and every data-parallel
+link crosses two shaped hops, and nothing is faster than the link. Ranks are started
+directly with torchrun's environment variables (one process per host); the same model,
+data and tokens per step in every run (``launch/configs/mesh.yaml``):
+
+    sync    synchronous Megatron: Megatron's flush 1F1B + its gradient all-reduce, with
+            the mesh's optimizer and hyperparameters (Muon, lr, schedule; no error
+            feedback, nothing to correct)
+    mesh    the full asynchronous mesh, mesh.yaml as it is (2bw + Muon + error feedback,
+            sparse ema p 0.05 tau 10); trains ``--mesh-steps-factor`` times as many steps
+            (its own cosine schedule), so it can reach the target if it learns slower
+    zero1   DeepSpeed ZeRO-1 data parallelism over the 4 ranks (DP = 4: DeepSpeed's
+            engine here has no pipeline), torch AdamW (the engine's optimizer) at
+            ``--zero1-lr``
+
+The target is the sync run's final validation loss; the mesh is judged on its
+consensus loss (the replicas' mean). The clock is the time spent in training steps
+(``train_time_s`` of the evaluation lines: evaluations and start-up excluded, the same
+for every run). A run that never reaches the target is reported by the loss it has at
+the sync run's finishing time instead.
+
+Output in ``--out``: results.json, results.md, time_to_target.png. Finished runs are
+reused when their arguments did not change (``--report`` rebuilds the table only).
+Needs root (namespaces); without it the tool says so and exits 77.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from shaped_net import IFNAME, StarNetwork, unavailable  # noqa: E402
+
+CONFIG = os.path.join(REPO, "launch", "configs", "mesh.yaml")
+WORLD = 4
+SYNC_FLAGS = ["--pipeline-schedule", "flush", "--dp-averaging", "none",
+              "--delay-error-feedback", "0"]
+
+
+def run_spec(name: str, steps: int, factor: float, zero1_lr: float):
+    """(entry module, flags) of one run."""
+    common = ["--config", CONFIG, "--num-threads", "1", "--no-progress", "--eval-iters", "4"]
+    if name == "sync":
+        flags = [*SYNC_FLAGS, "--train-iters", str(steps)]
+        return "megatron_asyncmesh.train", [*common, *flags, *_evals(steps)]
+    if name == "mesh":
+        n = int(round(steps * factor))
+        return "megatron_asyncmesh.train", [*common, "--train-iters", str(n), *_evals(n)]
+    if name == "zero1":
+        flags = ["--pipeline-model-parallel-size", "1", "--pipeline-schedule", "flush",
+                 "--dp-averaging", "none", "--delay-error-feedback", "0", "--optimizer", "adam",
+                 "--zero-stage", "1", "--lr", f"{zero1_lr:g}", "--min-lr", f"{zero1_lr / 10:g}",
+                 "--train-iters", str(steps)]
+        return "megatron_asyncmesh.train_deepspeed", [*common, *flags, *_evals(steps)]
+    raise ValueError(name)
+
+
+def _evals(steps: int) -> list:
+    return ["--eval-interval", str(max(1, steps // 10))]
+
+
+def run_one(net: StarNetwork, run_dir: str, entry: str, flags: list, timeout: float) -> int:
+    """Start one process per host; the first failure ends the others (as a launcher
+    would). Returns the worst exit status."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, DS_ACCELERATOR="cpu",
+               PYTHONWARNINGS="ignore")
+    port = "29810"
+    procs, logs = [], []
+    for i in range(WORLD):
+        cmd = [*net.exec_prefix(i), "env", f"GLOO_SOCKET_IFNAME={IFNAME}",
+               f"NCCL_SOCKET_IFNAME={IFNAME}", f"RANK={i}", f"WORLD_SIZE={WORLD}",
+               "LOCAL_RANK=0", "LOCAL_WORLD_SIZE=1", f"MASTER_ADDR={net.addr(0)}",
+               f"MASTER_PORT={port}", sys.executable, "-m", entry, *flags, "--run-dir", run_dir]
+        logs.append(open(os.path.join(run_dir, f"log{i}.txt"), "w"))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
+    deadline = time.time() + timeout
+    status = 0
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+            if failed or time.time() > deadline:
+                status = failed[0] if failed else 124
+                break
+            time.sleep(1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+    return status or max(p.returncode for p in procs)
+
+
+def curve(run_dir: str, name: str) -> list:
+    """[(train seconds, step, loss)] at every evaluation (the mesh: consensus loss)."""
+    from megatron_asyncmesh.metrics import read_metrics
+
+    _, val = read_metrics(run_dir)
+    key = "consensus_val_loss" if name == "mesh" else "val_loss"
+    return [(v["train_time_s"], v["step"], v[key] if v.get(key) is not None else v["val_loss"])
+            for v in val]
+
+
+def time_to(points: list, target: float):
+    """Seconds until the loss first reaches ``target`` (linear between evaluations)."""
+    for (t0, _, l0), (t1, _, l1) in zip(points, points[1:]):
+        if l1 <= target:
+            if l0 <= target or l0 == l1:
+                return t1 if l0 > target else t0
+            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return None
+
+
+def loss_at(points: list, seconds: float):
+    """The loss at ``seconds`` of training (linear between evaluations); None past the end."""
+    for (t0, _, l0), (t1, _, l1) in zip(points, points[1:]):
+        if t0 <= seconds <= t1:
+            return l0 + (l1 - l0) * (seconds - t0) / (t1 - t0) if t1 > t0 else l1
+    return None
+
+
+def summarize(run_dir: str, name: str) -> dict:
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        s = json.load(f)
+    points = curve(run_dir, name)
+    return {"curve": points, "train_iters": s["train_iters"],
+            "final_loss": points[-1][2], "final_val_loss": s["final_val_loss"],
+            "consensus_val_loss": s.get("consensus_val_loss"),
+            "train_seconds": points[-1][0], "tokens_per_s": s.get("tokens_per_s")}
+
+
+def report(out: str, results: dict) -> str:
+    lines = ["# Time to target loss across shaped links (PP 2 x DP 2, 4 emulated hosts)", "",
+             "Target: the sync run's final validation loss. The clock: seconds in training "
+             "steps. The mesh is judged on its consensus (replica-mean) loss.", "",
+             "| link | run | steps | final loss | seconds to target | speed-up vs sync | "
+             "loss at sync's finish | tokens/s |", "|---|---|---|---|---|---|---|---|"]
+    for rate, runs in results.items():
+        sync = runs.get("sync")
+        target = sync["final_loss"] if sync else None
+        t_sync = sync["train_seconds"] if sync else None
+        for name, r in runs.items():
+            tt = time_to(r["curve"], target) if target is not None else None
+            speed = f"{t_sync / tt:.2f}x" if tt and t_sync else ("not reached" if target else "")
+            at = loss_at(r["curve"], t_sync) if t_sync else None
+            r.update(target=target, seconds_to_target=tt, loss_at_sync_finish=at)
+            lines.append(f"| {rate} | {name} | {r['train_iters']} | {r['final_loss']:.4f} | "
+                         f"{f'{tt:.0f}' if tt else 'not reached'} | {speed} | "
+                         f"{f'{at:.4f}' if at is not None else 'ran shorter'} | "
+                         f"{r['tokens_per_s'] or 0:.0f} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    plot(out, results)
+    return text
+
+
+def plot(out: str, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not results:
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
+    for ax, (rate, runs) in zip(axes[0], results.items()):
+        for name, r in runs.items():
+            t, _, loss = zip(*r["curve"])
+            ax.plot(t, loss, "-o", ms=3, label=name)
+        if "sync" in runs:
+            ax.axhline(runs["sync"]["final_loss"], color="gray", ls=":", lw=1, label="target")
+        ax.set_title(f"validation loss against training time, {rate} links")
+        ax.set_xlabel("seconds in training steps")
+        ax.set_ylabel("validation loss (mesh: consensus)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "time_to_target.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/bench_link")
+    p.add_argument("--rates", nargs="+", default=["100mbit", "1gbit"])
+    p.add_argument("--steps", type=int, default=100, help="sync and zero1 training steps")
+    p.add_argument("--mesh-steps-factor", type=float, default=2.0)
+    p.add_argument("--zero1-lr", type=float, default=2e-3)
+    p.add_argument("--only", nargs="+", choices=["sync", "mesh", "zero1"])
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    p.add_argument("--report", action="store_true", help="only rebuild the table and plot")
+    a = p.parse_args(argv)
+    from megatron_asyncmesh.metrics import (bench_run_is_current, finish_bench_run,
+                                            start_bench_run)
+
+    reason = unavailable()
+    if reason and not a.report:
+        print(f"bench_link skipped: {reason}", flush=True)
+        return 77
+    os.makedirs(a.out, exist_ok=True)
+    results: dict = {}
+    for rate in a.rates:
+        results[rate] = {}
+        for name in ("sync", "mesh", "zero1"):
+            entry, flags = run_spec(name, a.steps, a.mesh_steps_factor, a.zero1_lr)
+            manifest = [entry, *flags, f"--link={rate}"]
+            run_dir = os.path.join(a.out, "runs", f"{rate}-{name}")
+            if a.report or (a.only and name not in a.only):
+                if bench_run_is_current(run_dir, manifest):
+                    results[rate][name] = summarize(run_dir, name)
+                continue
+            if start_bench_run(run_dir, manifest, f"{rate} {name}"):
+                t0 = time.time()
+                with StarNetwork(WORLD, rate) as net:
+                    rc = run_one(net, run_dir, entry, flags, a.timeout)
+                finish_bench_run(run_dir, manifest, rc, f"{rate} {name}", t0)
+            results[rate][name] = summarize(run_dir, name)
+    print(report(a.out, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
