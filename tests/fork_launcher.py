@@ -8,7 +8,9 @@ sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_A
 ``MASTER_PORT``) and runs the target as ``__main__``, exactly as torchrun would start
 it. Nothing distributed exists before the fork: each child creates its own gloo
 process group. Like torchrun, the first rank that fails takes the others down (they
-are killed), and the launcher exits with that rank's status.
+and the processes they started are killed), and the launcher exits with that rank's
+status. The launcher runs in its own process group (the harness starts it in a new
+session).
 
 The launchers users run (torchrun, deepspeed, mpirun, srun) keep their own tests
 (``tests/test_launchers.py`` and the tests that name ``launcher=``).
@@ -61,6 +63,8 @@ def main(argv: list) -> int:
     nproc = int(argv[argv.index("--nproc") + 1])
     port = argv[argv.index("--master-port") + 1]
     target = argv[argv.index("--master-port") + 2:]
+    if os.getpgid(0) != os.getpid():
+        os.setpgid(0, 0)      # a group of its own: the launcher, its ranks and theirs
     # The heavy imports every rank needs, done once (OMP_NUM_THREADS is 1, and nothing
     # here starts a thread or a process group).
     import megatron_asyncmesh  # noqa: F401  (CPU layer first)
@@ -84,12 +88,23 @@ def main(argv: list) -> int:
         code = os.waitstatus_to_exitcode(raw)
         if code != 0 and status == 0:
             status = code if code > 0 else 128 - code
-            for other in children:         # like torchrun: one failure ends every rank
-                try:
-                    os.kill(other, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _kill_the_rest()
     return status
+
+
+def _kill_the_rest() -> None:
+    """Like torchrun, one failure ends every rank: SIGKILL to every other process of
+    this launcher's process group, the ranks and what they started (Megatron's
+    asynchronous checkpoint writers would otherwise keep the output pipe open)."""
+    me, group = os.getpid(), os.getpgid(0)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            if os.getpgid(int(entry)) == group:
+                os.kill(int(entry), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 if __name__ == "__main__":
