@@ -47,7 +47,7 @@ def test_report_measures_against_the_sync_run(bench, tmp_path):
     assert zero1["seconds_to_target"] is None
     assert zero1["loss_at_sync_finish"] == pytest.approx(7.0)
     assert mesh["loss_at_sync_finish"] is None           # it finished before
-    assert os.path.exists(tmp_path / "time_to_target.png")
+    assert os.path.exists(tmp_path / "time_to_target-rank.png")
 
 
 def test_without_root_it_says_why(bench, monkeypatch, capsys):

@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Time to target loss across slow links: the full mesh against synchronous Megatron and ZeRO-1.
 
-Every rank of a PP = 2 x DP = 2 job (4 ranks) runs on its own emulated host: its own
-network namespace, one link to a bridge, shaped with ``tc tbf`` at ``--rates`` in both
-directions (``tools/shaped_net.py``). So every pipeline link and every data-parallel
-link crosses two shaped hops, and nothing is faster than the link. Ranks are started
+Every rank of a PP = 2 x DP = 2 job (4 ranks) runs on its own emulated host (``--placement
+rank``, the default): its own network namespace, one link to a bridge, shaped with
+``tc tbf`` at ``--rates`` in both directions (``tools/shaped_net.py``). So every pipeline
+link and every data-parallel link crosses two shaped hops, and nothing is faster than
+the link. ``--placement replica`` puts each replica (both its stages) on one host, as a
+replica of several GPUs inside one machine would be: only the data-parallel traffic
+crosses the links. Ranks are started
 directly with torchrun's environment variables (one process per host); the same model,
 data and tokens per step in every run (``launch/configs/mesh.yaml``):
 
@@ -24,7 +27,7 @@ consensus loss (the replicas' mean). The clock is the time spent in training ste
 for every run). A run that never reaches the target is reported by the loss it has at
 the sync run's finishing time instead.
 
-Output in ``--out``: results.json, results.md, time_to_target.png. Finished runs are
+Output in ``--out``: results-{placement}.json / .md, time_to_target-{placement}.png. Finished runs are
 reused when their arguments did not change (``--report`` rebuilds the table only).
 Needs root (namespaces); without it the tool says so and exits 77.
 """
@@ -45,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shaped_net import IFNAME, StarNetwork, unavailable  # noqa: E402
 
 CONFIG = os.path.join(REPO, "launch", "configs", "mesh.yaml")
-WORLD = 4
+WORLD, REPLICAS = 4, 2
 SYNC_FLAGS = ["--pipeline-schedule", "flush", "--dp-averaging", "none",
               "--delay-error-feedback", "0"]
 
@@ -72,17 +75,40 @@ def _evals(steps: int) -> list:
     return ["--eval-interval", str(max(1, steps // 10))]
 
 
-def run_one(net: StarNetwork, run_dir: str, entry: str, flags: list, timeout: float) -> int:
-    """Start one process per host; the first failure ends the others (as a launcher
+def hosts(placement: str) -> int:
+    return WORLD if placement == "rank" else REPLICAS
+
+
+def host_of(rank: int, name: str, placement: str) -> int:
+    """The emulated host of ``rank``. ``rank``: one host per rank. ``replica``: one host
+    per replica, its two stages side by side (only the data-parallel traffic crosses
+    the links), following the rank order each run uses (``distributed.rank_order``):
+    the mesh is replica-major (rank = stage + PP x replica), synchronous Megatron keeps
+    its default (rank = replica + DP x stage); ZeRO-1 (DP = 4) puts two consecutive ranks
+    on each host."""
+    if placement == "rank":
+        return rank
+    if name == "sync":
+        return rank % REPLICAS
+    return rank // (WORLD // REPLICAS)
+
+
+def run_one(net: StarNetwork, run_dir: str, name: str, entry: str, flags: list,
+            placement: str, timeout: float) -> int:
+    """Start every rank on its host; the first failure ends the others (as a launcher
     would). Returns the worst exit status."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, DS_ACCELERATOR="cpu",
                PYTHONWARNINGS="ignore")
     port = "29810"
     procs, logs = [], []
+    placed = [host_of(i, name, placement) for i in range(WORLD)]
     for i in range(WORLD):
-        cmd = [*net.exec_prefix(i), "env", f"GLOO_SOCKET_IFNAME={IFNAME}",
+        host = placed[i]
+        local = [r for r in range(WORLD) if placed[r] == host]
+        cmd = [*net.exec_prefix(host), "env", f"GLOO_SOCKET_IFNAME={IFNAME}",
                f"NCCL_SOCKET_IFNAME={IFNAME}", f"RANK={i}", f"WORLD_SIZE={WORLD}",
-               "LOCAL_RANK=0", "LOCAL_WORLD_SIZE=1", f"MASTER_ADDR={net.addr(0)}",
+               f"LOCAL_RANK={local.index(i)}", f"LOCAL_WORLD_SIZE={len(local)}",
+               f"MASTER_ADDR={net.addr(placed[0])}",
                f"MASTER_PORT={port}", sys.executable, "-m", entry, *flags, "--run-dir", run_dir]
         logs.append(open(os.path.join(run_dir, f"log{i}.txt"), "w"))
         procs.append(subprocess.Popen(cmd, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
@@ -143,8 +169,11 @@ def summarize(run_dir: str, name: str) -> dict:
             "train_seconds": points[-1][0], "tokens_per_s": s.get("tokens_per_s")}
 
 
-def report(out: str, results: dict) -> str:
-    lines = ["# Time to target loss across shaped links (PP 2 x DP 2, 4 emulated hosts)", "",
+def report(out: str, results: dict, placement: str = "rank") -> str:
+    where = ("4 emulated hosts, one per rank: every pipeline and data-parallel link shaped"
+             if placement == "rank" else "2 emulated hosts, one per replica: the "
+             "data-parallel traffic crosses the shaped links, the pipeline stays inside")
+    lines = [f"# Time to target loss across shaped links (PP 2 x DP 2; {where})", "",
              "Target: the sync run's final validation loss. The clock: seconds in training "
              "steps. The mesh is judged on its consensus (replica-mean) loss.", "",
              "| link | run | steps | final loss | seconds to target | speed-up vs sync | "
@@ -163,15 +192,15 @@ def report(out: str, results: dict) -> str:
                          f"{f'{at:.4f}' if at is not None else 'ran shorter'} | "
                          f"{r['tokens_per_s'] or 0:.0f} |")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "results.md"), "w") as f:
+    with open(os.path.join(out, f"results-{placement}.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(out, "results.json"), "w") as f:
+    with open(os.path.join(out, f"results-{placement}.json"), "w") as f:
         json.dump(results, f, indent=1)
-    plot(out, results)
+    plot(out, results, placement)
     return text
 
 
-def plot(out: str, results: dict) -> None:
+def plot(out: str, results: dict, placement: str = "rank") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,7 +221,7 @@ def plot(out: str, results: dict) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "time_to_target.png"), dpi=110)
+    fig.savefig(os.path.join(out, f"time_to_target-{placement}.png"), dpi=110)
     plt.close(fig)
 
 
@@ -203,6 +232,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=100, help="sync and zero1 training steps")
     p.add_argument("--mesh-steps-factor", type=float, default=2.0)
     p.add_argument("--zero1-lr", type=float, default=2e-3)
+    p.add_argument("--placement", choices=["rank", "replica"], default="rank",
+                   help="rank: every rank its own host, every pipeline and data-parallel "
+                        "link shaped; replica: one host per replica (its stages on one "
+                        "machine), only the data-parallel traffic crosses the links")
+    p.add_argument("--runs", nargs="+", choices=["sync", "mesh", "zero1"],
+                   default=["sync", "mesh", "zero1"])
     p.add_argument("--only", nargs="+", choices=["sync", "mesh", "zero1"])
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     p.add_argument("--report", action="store_true", help="only rebuild the table and plot")
@@ -217,22 +252,22 @@ def main(argv=None) -> int:
     os.makedirs(a.out, exist_ok=True)
     results: dict = {}
     for rate in a.rates:
-        results[rate] = {}
-        for name in ("sync", "mesh", "zero1"):
+        results[rate] = results_rate = {}
+        for name in a.runs:
             entry, flags = run_spec(name, a.steps, a.mesh_steps_factor, a.zero1_lr)
-            manifest = [entry, *flags, f"--link={rate}"]
-            run_dir = os.path.join(a.out, "runs", f"{rate}-{name}")
+            manifest = [entry, *flags, f"--link={rate}", f"--placement={a.placement}"]
+            run_dir = os.path.join(a.out, "runs", f"{rate}-{a.placement}-{name}")
             if a.report or (a.only and name not in a.only):
                 if bench_run_is_current(run_dir, manifest):
-                    results[rate][name] = summarize(run_dir, name)
+                    results_rate[name] = summarize(run_dir, name)
                 continue
             if start_bench_run(run_dir, manifest, f"{rate} {name}"):
                 t0 = time.time()
-                with StarNetwork(WORLD, rate) as net:
-                    rc = run_one(net, run_dir, entry, flags, a.timeout)
+                with StarNetwork(hosts(a.placement), rate) as net:
+                    rc = run_one(net, run_dir, name, entry, flags, a.placement, a.timeout)
                 finish_bench_run(run_dir, manifest, rc, f"{rate} {name}", t0)
-            results[rate][name] = summarize(run_dir, name)
-    print(report(a.out, results))
+            results_rate[name] = summarize(run_dir, name)
+    print(report(a.out, results, a.placement))
     return 0
 
 
