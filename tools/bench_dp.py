@@ -59,7 +59,9 @@ WIDE = ["--num-layers", "6", "--hidden-size", "512", "--num-attention-heads", "8
         "--seed", "1234"]
 SPARSE = ["--dp-averaging", "sparse", "--dp-fraction", "0.05"]
 
-RUNS = {   # name: (entry, nproc, extra args); "{ema}" is replaced by steps // 3
+# name: (entry, nproc, extra args). "{ema}" is the step the drift EMA's momentum starts
+# its cosine annealing: about 3 % of training, as in the AsyncMesh paper (and mesh.yaml).
+RUNS = {
     "megatron-sync": ("train", 2, []),
     "zero1": ("deepspeed", 2, ["--zero-stage", "1"]),
     "sparse-ema-tau10": ("train", 2, [*SPARSE, "--dp-delay", "10", "--dp-correction", "ema",
@@ -113,9 +115,13 @@ def model_args(global_batch: int, lr: float | None = None) -> list:
     return args
 
 
+def ema_start(steps: int) -> int:
+    return max(1, round(0.03 * steps))
+
+
 def run_args(name: str, steps: int, global_batch: int = 16, lr: float | None = None) -> list:
     entry, _, extra = RUNS[name]
-    return [*model_args(global_batch, lr), *[a.format(ema=steps // 3) for a in extra],
+    return [*model_args(global_batch, lr), *[a.format(ema=ema_start(steps)) for a in extra],
             "--train-iters", str(steps),
             "--lr-warmup-iters", str(max(1, steps // 20)), "--eval-interval",
             str(max(1, steps // 12)), "--eval-iters", "4", "--num-threads", "1", "--no-progress"]
