@@ -265,7 +265,7 @@ def report(out: str, results: dict, link: dict, link_note: str, global_batch: in
         lines.append(f"| {name} | {r['final_val_loss']:.4f} | "
                      f"{f'{cons:.4f}' if cons is not None else ''} | {vs_grad} | {vs_dense} | "
                      f"{desc} | {ratio} | {r['tokens_per_s'] or 0:.0f} |")
-    lines += ["", "# Across a shaped link (two network namespaces, veth + tbf)", ""]
+    lines += ["", "# Across a shaped link (two emulated hosts, tools/shaped_net.py)", ""]
     if link:
         lines += ["| run | bytes/step/rank | tokens/s | final val loss |", "|---|---|---|---|"]
         for name, r in link.items():
