@@ -46,7 +46,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from shaped_net import IFNAME, StarNetwork, unavailable  # noqa: E402
+from shaped_net import StarNetwork, unavailable  # noqa: E402
 
 MODEL = ["--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
          "--seq-length", "128", "--micro-batch-size", "4", "--global-batch-size", "16",
@@ -164,25 +164,13 @@ def run_link(net, out: str, name: str, steps: int, rate: str) -> dict:
         return load(run_dir)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, DS_ACCELERATOR="cpu",
                PYTHONWARNINGS="ignore", **MALLOC)
-    procs, logs = [], []
     t0 = time.time()
-    for i in range(LINK_HOSTS):
-        cmd = [*net.exec_prefix(i), "env", f"GLOO_SOCKET_IFNAME={IFNAME}",
-               sys.executable, "-m", "torch.distributed.run", "--nnodes", str(LINK_HOSTS),
-               "--node_rank", str(i), "--nproc_per_node", "1", "--master_addr", net.addr(0),
-               "--master_port",
-               "29777", "-m", ENTRY["deepspeed"], *args[:-1], "--run-dir", run_dir]
-        logs.append(open(os.path.join(run_dir, f"log{i}.txt"), "w"))
-        procs.append(subprocess.Popen(cmd, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
-    try:
-        rcs = [p.wait(timeout=1800) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        for f in logs:
-            f.close()
-    finish_bench_run(run_dir, args, max(rcs), name, t0)
+    rc = net.run([(i, [sys.executable, "-m", "torch.distributed.run", "--nnodes",
+                       str(LINK_HOSTS), "--node_rank", str(i), "--nproc_per_node", "1",
+                       "--master_addr", net.addr(0), "--master_port", "29777",
+                       "-m", ENTRY["deepspeed"], *args[:-1], "--run-dir", run_dir])
+                  for i in range(LINK_HOSTS)], run_dir, env, timeout=1800)
+    finish_bench_run(run_dir, args, rc, name, t0)
     return load(run_dir)
 
 

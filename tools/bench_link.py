@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -45,7 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from shaped_net import IFNAME, StarNetwork, unavailable  # noqa: E402
+from shaped_net import StarNetwork, unavailable  # noqa: E402
 
 CONFIG = os.path.join(REPO, "launch", "configs", "mesh.yaml")
 WORLD, REPLICAS = 4, 2
@@ -95,40 +94,19 @@ def host_of(rank: int, name: str, placement: str) -> int:
 
 def run_one(net: StarNetwork, run_dir: str, name: str, entry: str, flags: list,
             placement: str, timeout: float) -> int:
-    """Start every rank on its host; the first failure ends the others (as a launcher
-    would). Returns the worst exit status."""
+    """Start every rank on its host with torchrun's variables; the first failure ends
+    the others (as a launcher would). Returns the failing status, else 0."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, DS_ACCELERATOR="cpu",
                PYTHONWARNINGS="ignore")
-    port = "29810"
-    procs, logs = [], []
     placed = [host_of(i, name, placement) for i in range(WORLD)]
-    for i in range(WORLD):
-        host = placed[i]
+    commands = []
+    for i, host in enumerate(placed):
         local = [r for r in range(WORLD) if placed[r] == host]
-        cmd = [*net.exec_prefix(host), "env", f"GLOO_SOCKET_IFNAME={IFNAME}",
-               f"NCCL_SOCKET_IFNAME={IFNAME}", f"RANK={i}", f"WORLD_SIZE={WORLD}",
-               f"LOCAL_RANK={local.index(i)}", f"LOCAL_WORLD_SIZE={len(local)}",
-               f"MASTER_ADDR={net.addr(placed[0])}",
-               f"MASTER_PORT={port}", sys.executable, "-m", entry, *flags, "--run-dir", run_dir]
-        logs.append(open(os.path.join(run_dir, f"log{i}.txt"), "w"))
-        procs.append(subprocess.Popen(cmd, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
-    deadline = time.time() + timeout
-    status = 0
-    try:
-        while any(p.poll() is None for p in procs):
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-            if failed or time.time() > deadline:
-                status = failed[0] if failed else 124
-                break
-            time.sleep(1)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for f in logs:
-            f.close()
-    return status or max(p.returncode for p in procs)
+        commands.append((host, [
+            f"RANK={i}", f"WORLD_SIZE={WORLD}", f"LOCAL_RANK={local.index(i)}",
+            f"LOCAL_WORLD_SIZE={len(local)}", f"MASTER_ADDR={net.addr(placed[0])}",
+            "MASTER_PORT=29810", sys.executable, "-m", entry, *flags, "--run-dir", run_dir]))
+    return net.run(commands, run_dir, env, timeout)
 
 
 def curve(run_dir: str, name: str) -> list:

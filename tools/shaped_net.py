@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from typing import List
+import time
+from typing import List, Sequence, Tuple
 
 IFNAME = "amlink"
 
@@ -78,6 +79,37 @@ class StarNetwork:
         for i in range(self.n):
             _sh("ip", "netns", "del", self.namespace(i), check=False)
         _sh("ip", "link", "del", self.bridge, check=False)
+
+    def run(self, commands: Sequence[Tuple[int, List[str]]], log_dir: str, env: dict,
+            timeout: float) -> int:
+        """Run each ``(host, argv)`` on its host, with ``GLOO_SOCKET_IFNAME`` /
+        ``NCCL_SOCKET_IFNAME`` set to the link, output to ``log_dir/log{i}.txt``. Like a
+        launcher, the first failure (or the timeout: status 124) ends the others; returns
+        that status, else 0."""
+        procs, logs = [], []
+        for i, (host, argv) in enumerate(commands):
+            cmd = [*self.exec_prefix(host), "env", f"GLOO_SOCKET_IFNAME={IFNAME}",
+                   f"NCCL_SOCKET_IFNAME={IFNAME}", *argv]
+            logs.append(open(os.path.join(log_dir, f"log{i}.txt"), "w"))
+            procs.append(subprocess.Popen(cmd, env=env, stdout=logs[-1],
+                                          stderr=subprocess.STDOUT))
+        deadline = time.time() + timeout
+        status = 0
+        try:
+            while None in [p.poll() for p in procs]:        # poll every one
+                failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+                if failed or time.time() > deadline:
+                    status = failed[0] if failed else 124
+                    break
+                time.sleep(1)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            for f in logs:
+                f.close()
+        return status or max(p.returncode for p in procs)
 
     def __enter__(self) -> "StarNetwork":
         return self.up()
