@@ -47,8 +47,9 @@ def test_layouts_match_single_process(tmp_path, data_args, reference, nproc, pp,
     summary = read_summary(run_dir)
     assert summary["pipeline_model_parallel_size"] == pp
     assert summary["data_parallel_size"] == nproc // pp
-    assert summary["launcher"] == "env"                  # torchrun (mpirun, deepspeed:
+    # torchrun's environment (the fork launcher; torchrun, mpirun and deepspeed themselves:
     # tests/test_launchers.py, tests/test_checkpoint.py's mesh)
+    assert summary["launcher"] == "env"
     # Megatron's own 1F1B (flush) recorded on the timeline: no delay, stages idle part
     # of the time (the bubble).
     assert summary["pipeline_schedule"] == "flush"
