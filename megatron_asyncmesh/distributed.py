@@ -107,6 +107,37 @@ def init_distributed(timeout_minutes: Optional[float] = None) -> str:
     return kind
 
 
+def init_deepspeed_comm() -> None:
+    """``deepspeed.comm`` over the existing default group (idempotent), without the
+    shared-memory files its CPU all-reduce leaves behind."""
+    import deepspeed.comm as dscomm
+
+    if not dscomm.is_initialized():
+        dscomm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        release_cpu_shm()
+
+
+def release_cpu_shm() -> None:
+    """On CPU, DeepSpeed's all-reduce (ops/csrc/cpu/comm/shm.cpp) maps one
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` per rank (69 MB)
+    and never unlinks it: every run left its files behind. Once every rank has mapped
+    its peers' files (they all did at their initialisation, before this barrier), each
+    unlinks its own: the mappings stay valid, and nothing is left even if the run is
+    killed later."""
+    import deepspeed.comm as dscomm
+
+    backend = getattr(dscomm, "cdb", None)
+    if torch.cuda.is_available() or getattr(backend, "shm_comm_op", None) is None:
+        return
+    dist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
+            f"{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
+
+
 def local_world_size() -> int:
     for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
                 "SLURM_NTASKS_PER_NODE"):

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 
@@ -33,3 +37,32 @@ def tiny_data(tmp_path_factory):
 def data_args(tiny_data):
     return ["--data-path", tiny_data["data_path"], "--tokenizer-model",
             tiny_data["tokenizer_model"]]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_server():
+    """tests/zygote.py's server for the whole session: torch, Megatron-core and DeepSpeed
+    imported once; every launch and tool of the harness is forked from it."""
+    from tests.harness import env_for_ranks
+    from tests.zygote import ENV
+
+    where = tempfile.mkdtemp(prefix="asyncmesh-zygote-")
+    path = os.path.join(where, "socket")
+    server = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "zygote.py"),
+                               "serve", path], env=env_for_ranks(), cwd=REPO,
+                              start_new_session=True, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.exists(path) and server.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    if os.path.exists(path):
+        os.environ[ENV] = path
+    try:
+        yield path
+    finally:
+        os.environ.pop(ENV, None)
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        shutil.rmtree(where, ignore_errors=True)

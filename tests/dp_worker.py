@@ -81,7 +81,9 @@ def main() -> int:
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
-    dscomm.init_distributed(dist_backend="gloo", verbose=False)
+    from megatron_asyncmesh.distributed import init_deepspeed_comm
+
+    init_deepspeed_comm()
     # Profile all_reduce only: deepspeed 0.19.8's logger calls exit(0) on ops its
     # bandwidth table does not know (all_gather_object among them).
     dscomm.configure(enabled=True, prof_all=False, prof_ops=["all_reduce"], verbose=False)

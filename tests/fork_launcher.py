@@ -30,11 +30,21 @@ def _run_rank(rank: int, nproc: int, port: str, target: list) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", ROLE_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    os._exit(run_target(target))
+
+
+def run_target(target: list) -> int:
+    """Run ``target`` (``["-m", module, args...]``, ``["-c", code, args...]`` or
+    ``[script.py, args...]``) as
+    ``__main__`` and return the exit status an interpreter would have."""
     code = 0
     try:
         if target[0] == "-m":
             sys.argv = [target[1], *target[2:]]
             runpy.run_module(target[1], run_name="__main__", alter_sys=True)
+        elif target[0] == "-c":
+            sys.argv = ["-c", *target[2:]]
+            exec(compile(target[1], "<string>", "exec"), {"__name__": "__main__"})
         else:
             sys.argv = list(target)
             sys.path.insert(0, os.path.dirname(os.path.abspath(target[0])))
@@ -56,7 +66,17 @@ def _run_rank(rank: int, nproc: int, port: str, target: list) -> None:
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    return code
+
+
+def warm_imports() -> None:
+    """The heavy imports every rank needs (OMP_NUM_THREADS is 1, and nothing here starts
+    a thread or a process group)."""
+    import megatron_asyncmesh  # noqa: F401  (CPU layer first)
+    import megatron.core  # noqa: F401
+    import megatron_asyncmesh.runner.loop  # noqa: F401
+    import megatron_asyncmesh.runner.megatron  # noqa: F401
+    import deepspeed.comm  # noqa: F401  (the averager's collectives)
 
 
 def main(argv: list) -> int:
@@ -65,13 +85,7 @@ def main(argv: list) -> int:
     target = argv[argv.index("--master-port") + 2:]
     if os.getpgid(0) != os.getpid():
         os.setpgid(0, 0)      # a group of its own: the launcher, its ranks and theirs
-    # The heavy imports every rank needs, done once (OMP_NUM_THREADS is 1, and nothing
-    # here starts a thread or a process group).
-    import megatron_asyncmesh  # noqa: F401  (CPU layer first)
-    import megatron.core  # noqa: F401
-    import megatron_asyncmesh.runner.loop  # noqa: F401
-    import megatron_asyncmesh.runner.megatron  # noqa: F401
-    import deepspeed.comm  # noqa: F401  (the averager's collectives)
+    warm_imports()                       # once, before the ranks are forked
 
     sys.stdout.flush()
     sys.stderr.flush()

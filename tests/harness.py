@@ -4,8 +4,10 @@ Every distributed test goes through :func:`launch`: it starts the launcher in it
 process group on a free port and kills the whole group when the timeout expires, so a
 deadlock fails the test instead of hanging the suite. The default launcher is
 ``tests/fork_launcher.py`` (torchrun's environment, ranks forked from a parent that has
-imported torch and Megatron once: about 14 s less per 4-rank launch on 2 cores); tests
-of the launchers themselves name ``torchrun``, ``deepspeed`` or ``mpirun``.
+imported torch and Megatron: about 14 s less per 4-rank launch on 2 cores), itself
+forked from the session's warm server (``tests/zygote.py``: those imports once per
+session instead of once per launch); tests of the launchers themselves name
+``torchrun``, ``deepspeed`` or ``mpirun``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ from megatron_asyncmesh.metrics import read_metrics  # noqa: F401  (re-exported 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 TINY = os.path.join(REPO, "launch", "configs", "tiny.yaml")
+# tests/zygote.py's client: forked from the session's warm server (cold without one).
+ZYGOTE_CLIENT = [sys.executable, os.path.join(REPO, "tests", "zygote.py"), "client"]
+
+
+def python_cmd(script: str, *args: str) -> List[str]:
+    """``python script args...`` as a child of the warm server (see tests/zygote.py)."""
+    return [*ZYGOTE_CLIENT, "script", script, *args]
 
 
 def env_for_ranks(extra: Optional[dict] = None) -> dict:
@@ -39,8 +48,7 @@ def launcher_cmd(launcher: str, nproc: int, target: Sequence[str]) -> List[str]:
     """``target`` is ``["-m", module, args...]`` or ``[script.py, args...]``."""
     port = str(free_port())
     if launcher == "fork":
-        return [sys.executable, os.path.join(REPO, "tests", "fork_launcher.py"), "--nproc",
-                str(nproc), "--master-port", port, *target]
+        return [*ZYGOTE_CLIENT, "launch", "--nproc", str(nproc), "--master-port", port, *target]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_addr", "127.0.0.1", "--master_port", port, *target]
@@ -112,7 +120,7 @@ def read_summary(run_dir: str) -> dict:
 
 def tool(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``tools/<name>``; raise with its output unless it succeeded (``check``)."""
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", name), *args],
+    proc = subprocess.run(python_cmd(os.path.join(REPO, "tools", name), *args),
                           capture_output=True, text=True, env=env_for_ranks(), cwd=REPO,
                           timeout=300)
     if check and proc.returncode != 0:

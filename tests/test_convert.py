@@ -12,11 +12,10 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from tests.harness import REPO, env_for_ranks, evaluate, read_summary, tool, train
+from tests.harness import REPO, env_for_ranks, evaluate, python_cmd, read_summary, tool, train
 
 LLAMA = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
          "--untie-embeddings-and-output-weights"]
@@ -54,7 +53,7 @@ print(json.dumps(report))
 
 
 def compare_checkpoints(reference, *others):
-    proc = subprocess.run([sys.executable, "-c", COMPARE, reference, *others],
+    proc = subprocess.run(python_cmd("-c", COMPARE, reference, *others),
                           capture_output=True, text=True, env=env_for_ranks(), cwd=REPO,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -278,7 +277,7 @@ def test_transformer_engine_names_convert_and_are_sealed(tmp_path, llama_run):
     assert local_to_te_name("decoder.final_layernorm.weight") == \
         "decoder.final_layernorm.weight"
     te = str(tmp_path / "te")
-    proc = subprocess.run([sys.executable, "-c", MAKE_TE, llama_run["pp2"], te],
+    proc = subprocess.run(python_cmd("-c", MAKE_TE, llama_run["pp2"], te),
                           capture_output=True, text=True, env=env_for_ranks(), cwd=REPO,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -100,6 +100,8 @@ def test_selection_is_drawn_once_per_cycle_and_the_state_is_small(kind):
 
 
 @pytest.mark.parametrize("case", [{"selector": "block", "block_size": 4},
+                                  {"selector": "block", "block_size": 4, "outer_lr": 1.3,
+                                   "outer_momentum": 0.6},
                                   {"selector": "partition", "dense_iters": 3},
                                   {"selector": "bernoulli", "dense_iters": 2}])
 def test_averager_state_round_trip(case):
@@ -185,6 +187,9 @@ def simulate(case: dict, steps: int, world: int = 2, ranks_per_replica: int = 1)
     selector = make_selector(cfg, keys, [p.numel() for p in params[0]])
     ema = [[torch.zeros(p.numel()) for p in params[0]] for _ in range(world)]
     seen = [[torch.zeros(p.numel(), dtype=torch.bool) for p in params[0]] for _ in range(world)]
+    # The outer step: every replica's anchor is the same consensus, so one suffices here.
+    anchor = [p.detach().clone().view(-1) for p in params[0]]
+    outer_m = [torch.zeros(p.numel()) for p in params[0]]
     queue = []
     for t in range(steps):
         for r in range(world):
@@ -198,6 +203,7 @@ def simulate(case: dict, steps: int, world: int = 2, ranks_per_replica: int = 1)
                         ) / world
                 for r in range(world):
                     params[r][j].data.copy_(mean)
+                anchor[j] = mean.clone().view(-1)
             continue
         idx = selected_coordinates(selector, t - cfg.dense_iters)   # sparse steps
         queue.append((t, idx, [[p.detach().view(-1)[i].clone() for p, i in zip(params[r], idx)]
@@ -210,6 +216,14 @@ def simulate(case: dict, steps: int, world: int = 2, ranks_per_replica: int = 1)
                 for r in range(1, world):
                     total = total + snaps[r][j]
                 average = total / world
+                if cfg.outer:                   # G = Z - A; M <- mu M + G; Z <- Z - eta(G + mu M)
+                    z = anchor[j][i]
+                    g = z - average
+                    if cfg.outer_momentum:
+                        outer_m[j][i] = cfg.outer_momentum * outer_m[j][i] + g
+                        g = torch.add(g, outer_m[j][i], alpha=cfg.outer_momentum)
+                    average = torch.sub(z, g, alpha=cfg.outer_lr)
+                    anchor[j][i] = average
                 for r in range(world):
                     flat = params[r][j].data.view(-1)
                     drift = flat[i] - snaps[r][j]
@@ -242,6 +256,11 @@ CASES = [
     # A synchronous warm start of 3 dense steps, then the block selector.
     {"fraction": 0.3, "delay": 3, "correction": "ema", "selector": "block", "block_size": 4,
      "dense_iters": 3},
+    # The outer step: Nesterov on the averaged update (after a warm start, with the EMA),
+    # and a plain longer step on the undelayed average.
+    {"fraction": 0.3, "delay": 3, "correction": "ema", "selector": "block", "block_size": 4,
+     "dense_iters": 2, "outer_lr": 0.8, "outer_momentum": 0.5, "ema_start": 4},
+    {"fraction": 0.25, "delay": 0, "correction": "avg", "outer_lr": 1.5, **P},
 ]
 STEPS = 12
 
@@ -277,7 +296,7 @@ def test_distributed_equals_single_process_replay(distributed_cases, k):
 
 # Replicas of two ranks: the parts of each selection split over the replica's ranks,
 # the dense warm-up split the same way.
-REPLICA_CASES = [CASES[2], CASES[4], CASES[7]]
+REPLICA_CASES = [CASES[2], CASES[4], CASES[7], CASES[8]]
 
 
 @pytest.fixture(scope="module")

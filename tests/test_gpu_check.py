@@ -4,17 +4,16 @@ between the sessions that have a GPU to run it on."""
 import json
 import os
 import subprocess
-import sys
 
-from tests.harness import REPO, env_for_ranks
+from tests.harness import REPO, env_for_ranks, python_cmd
 
 
 def test_gpu_check_dry_run(tmp_path, tiny_data):
     out = str(tmp_path / "gpu_check")
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "gpu_check.py"), "--dry-run", "--out", out,
-         "--data-path", tiny_data["data_path"], "--tokenizer-model",
-         tiny_data["tokenizer_model"]],
+        python_cmd(os.path.join(REPO, "tools", "gpu_check.py"), "--dry-run", "--out", out,
+                   "--data-path", tiny_data["data_path"], "--tokenizer-model",
+                   tiny_data["tokenizer_model"]),
         capture_output=True, text=True, env=env_for_ranks(), cwd=REPO, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(os.path.join(out, "results.json")) as f:

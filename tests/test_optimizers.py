@@ -14,26 +14,17 @@ five steps, which ``moved`` bounds from below.
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.harness import REPO, TINY, env_for_ranks, read_metrics, read_summary, train
+from tests.harness import REPO, TINY, launch, read_metrics, read_summary, train
 
 
 def _worker(tmp_path, optimizer, *extra):
     out = str(tmp_path / f"{optimizer}.json")
-    from megatron_asyncmesh.distributed import free_port
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           os.path.join(REPO, "tests", "optim_worker.py"), "--optimizer", optimizer,
-           "--out", out, *extra]
-    proc = subprocess.run(cmd, env=env_for_ranks(), capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch([os.path.join(REPO, "tests", "optim_worker.py"), "--optimizer", optimizer,
+            "--out", out, *extra], nproc=1, timeout=300)
     with open(out) as f:
         return json.load(f)
 

@@ -19,6 +19,18 @@ step ``t`` each replica
      ``e`` starts as the first drift seen by each coordinate, ``m`` is 0.5 and
      cosine-annealed to 0.99 from ``ema_start`` on.
 
+An outer step (``outer_lr`` != 1 or ``outer_momentum`` > 0, beyond the paper, after
+DiLoCo's outer Nesterov) treats the average as a pseudo-gradient: each replica keeps an
+anchor ``Z`` (the consensus each coordinate got at its previous average; every replica
+holds the same) and a momentum ``M``, and applies
+
+   ``G = Z[S] - A``;  ``M[S] <- mu M[S] + G``;  ``Z[S] <- Z[S] - eta (G + mu M[S])``;
+   ``W[S] <- Z[S] + lam e[S]`` (or ``+ lam D_i``, or nothing, per correction)
+
+``eta = 1, mu = 0`` is the paper's step. ``eta > 1`` lengthens the averaged update:
+the mean of the replicas' own (e.g. orthogonalised) updates is shorter than one
+update on their mean gradient.
+
 ``fraction = 1, delay = 0, avg`` is plain parameter averaging every step;
 ``delay = 0`` with random subsets is SPARTA. ``dense_iters`` (a synchronous warm
 start) averages every parameter at once for the first steps, then the sparse
@@ -78,6 +90,12 @@ class AveragingConfig:
     ema_momentum_end: float = 0.99
     train_iters: int = 0             # only to resolve ema_anneal_iters = 0
     dense_iters: int = 0             # steps 0 .. dense_iters-1: every parameter, tau = 0
+    outer_lr: float = 1.0            # eta of the outer step (1 with mu = 0: none)
+    outer_momentum: float = 0.0      # mu, Nesterov
+
+    @property
+    def outer(self) -> bool:
+        return self.outer_lr != 1.0 or self.outer_momentum != 0.0
 
     def validate(self) -> "AveragingConfig":
         if not (isinstance(self.fraction, (int, float)) and 0.0 < self.fraction <= 1.0):
@@ -106,6 +124,15 @@ class AveragingConfig:
             raise AveragingError(f"--dp-dense-warmup-iters must be an integer >= 0 (steps of "
                                  f"dense synchronous averaging before the sparse one), got "
                                  f"{self.dense_iters!r}.")
+        if not (isinstance(self.outer_lr, (int, float)) and 0.0 < self.outer_lr <= 4.0):
+            raise AveragingError(
+                f"--dp-outer-lr must be in (0, 4] (1 = the plain average; DiLoCo uses 0.7 "
+                f"with momentum 0.9), got {self.outer_lr!r}.")
+        if not (isinstance(self.outer_momentum, (int, float)) and
+                0.0 <= self.outer_momentum < 1.0):
+            raise AveragingError(
+                f"--dp-outer-momentum must be in [0, 1) (0 = none), got "
+                f"{self.outer_momentum!r}.")
         if self.ema_start < 0 or self.ema_anneal_iters < 0:
             raise AveragingError(
                 f"--dp-ema-start and --dp-ema-anneal-iters must be >= 0, got "
@@ -406,6 +433,16 @@ class SparseAverager:
                 self.ema[j] = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
                 if cfg.selector == "bernoulli":
                     self.seen[j] = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+        # The outer step's anchor (the consensus) and momentum, fp32; the anchor starts as
+        # the replicas' mean (one dense all-reduce here), so every replica holds the same.
+        self.anchor: Dict[int, torch.Tensor] = {}
+        self.outer_m: Dict[int, torch.Tensor] = {}
+        if cfg.outer:
+            for j, p in enumerate(self.params):
+                self.anchor[j] = p.detach().float().reshape(-1).clone()
+                if cfg.outer_momentum:
+                    self.outer_m[j] = torch.zeros(p.numel(), dtype=torch.float32,
+                                                  device=p.device)
         self._scratch: Dict[str, torch.Tensor] = {}   # per-step workspaces, reused
         self.steps = 0                 # optimizer steps seen (the next snapshot's t)
         self.elements_sent = 0
@@ -413,6 +450,10 @@ class SparseAverager:
         self.last_step_bytes = 0
         self.replica_bytes_sent = 0     # the parts' all-gather inside the replica
         self.check_replicas_agree()
+        if self.anchor and self.world > 1:
+            for a in self.anchor.values():
+                self.comm.all_reduce(a, group=self.group)
+                a.div_(self.world)
 
     # ------------------------------------------------------------------ set-up
     def signature(self) -> dict:
@@ -556,6 +597,8 @@ class SparseAverager:
                     elements += flat.numel()
         if self.world > 1 and self.after_apply is not None:
             self.after_apply()
+        for j, a in self.anchor.items():             # the consensus is the mean now
+            a.copy_(self.params[j].detach().reshape(-1))
         self.last_step_bytes = sent
         self.elements_sent += elements
         self.bytes_sent += sent
@@ -572,6 +615,8 @@ class SparseAverager:
         selection = item.selection
         new = item.buffer.div_(self.world)                     # the average A
         cfg = self.cfg
+        if self.anchor:
+            new = self._outer_step(selection, new)
         if cfg.correction != "avg":
             drift = self._gather(selection, scratch="drift").sub_(item.snapshot)
             correction = (drift if cfg.correction == "drift" else
@@ -582,6 +627,23 @@ class SparseAverager:
         self._scatter(selection, new)
         if self.after_apply is not None:
             self.after_apply()
+
+    def _outer_step(self, selection, average: torch.Tensor) -> torch.Tensor:
+        """The anchor's new value at the selection (also written to the anchor):
+        ``Z - eta (G + mu M)`` with ``G = Z - A`` and ``M <- mu M + G``."""
+        cfg = self.cfg
+        anchors = [self.anchor[j] for j in range(len(self.params))]
+        z = self._gather(selection, anchors, scratch="anchor")
+        g = torch.sub(z, average, out=average)                 # G, in A's buffer
+        if self.outer_m:
+            moms = [self.outer_m[j] for j in range(len(self.params))]
+            m = self._gather(selection, moms, scratch="outer_m").mul_(
+                cfg.outer_momentum).add_(g)
+            self._scatter(selection, m, moms)
+            g.add_(m, alpha=cfg.outer_momentum)
+        z.sub_(g, alpha=cfg.outer_lr)
+        self._scatter(selection, z, anchors)
+        return z
 
     def _update_ema(self, selection, drift: torch.Tensor, m: float, step: int) -> torch.Tensor:
         """The drift EMA at the selected coordinates, updated with ``drift``. Partition and
@@ -635,6 +697,9 @@ class SparseAverager:
         for j in self.ema:
             state[f"ema.{self.keys[j]}"] = self.ema[j]
             state[f"seen.{self.keys[j]}"] = self._seen_mask(j).to(torch.uint8)
+        for name, held in (("anchor", self.anchor), ("outer_m", self.outer_m)):
+            for j, t in held.items():
+                state[f"{name}.{self.keys[j]}"] = t
         return state
 
     def _seen_mask(self, j: int) -> torch.Tensor:
@@ -667,6 +732,9 @@ class SparseAverager:
             state[f"ema.{self.keys[j]}"] = torch.empty_like(self.ema[j])
             state[f"seen.{self.keys[j]}"] = torch.empty(self.ema[j].numel(), dtype=torch.uint8,
                                                          device=device)
+        for name, held in (("anchor", self.anchor), ("outer_m", self.outer_m)):
+            for j, t in held.items():
+                state[f"{name}.{self.keys[j]}"] = torch.empty_like(t)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -680,6 +748,15 @@ class SparseAverager:
             self.ema[j].copy_(state[f"ema.{self.keys[j]}"])
             if j in self.seen:
                 self.seen[j].copy_(state[f"seen.{self.keys[j]}"].bool())
+        for name, held in (("anchor", self.anchor), ("outer_m", self.outer_m)):
+            for j, t in held.items():
+                key = f"{name}.{self.keys[j]}"
+                if key not in state:
+                    raise AveragingError(
+                        f"the checkpoint has no outer-step state ({key}): it was saved "
+                        f"without --dp-outer-lr / --dp-outer-momentum. Resume with "
+                        f"--dp-outer-lr 1 --dp-outer-momentum 0, or start a new run.")
+                t.copy_(state[key])
 
     def state_bytes_per_parameter(self) -> float:
         """Bytes the averager keeps per parameter besides the pending averages: the drift
@@ -687,6 +764,8 @@ class SparseAverager:
         numel = sum(p.numel() for p in self.params) or 1
         held = sum(t.numel() * t.element_size() for t in self.ema.values())
         held += sum(t.numel() * t.element_size() for t in self.seen.values())
+        held += sum(t.numel() * t.element_size()
+                    for t in (*self.anchor.values(), *self.outer_m.values()))
         return (held + self.selector.held_bytes()) / numel
 
     def pending_bytes_per_parameter(self) -> float:

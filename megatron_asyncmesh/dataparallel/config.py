@@ -43,6 +43,13 @@ class DataParallelConfig:
         0, "a synchronous warm start: for the first N steps every parameter is averaged "
         "over the replicas every step (p = 1, tau = 0, a blocking all-reduce), then the "
         "sparse averaging starts", "parallel")
+    dp_outer_lr: float = option(
+        1.0, "outer step on the average (beyond the paper, after DiLoCo): the consensus "
+        "moves by this times the averaged update (1 = the plain average, > 1 lengthens it)",
+        "parallel")
+    dp_outer_momentum: float = option(
+        0.0, "Nesterov momentum of that outer step (0 = none); the outer step keeps an "
+        "fp32 anchor (+ momentum) per parameter", "parallel")
     dp_ranks_per_replica: int = option(
         1, "data-parallel ranks per replica (R): inside a replica Megatron's synchronous "
         "data parallelism (gradient all-reduce, --use-distributed-optimizer allowed), "
@@ -123,7 +130,8 @@ def averaging_config(cfg: DataParallelConfig, seed: int,
             block_size=cfg.dp_block_size, lam=cfg.dp_lambda,
             seed=seed if cfg.dp_seed is None else cfg.dp_seed,
             ema_start=cfg.dp_ema_start, ema_anneal_iters=cfg.dp_ema_anneal_iters,
-            dense_iters=cfg.dp_dense_warmup_iters,
+            dense_iters=cfg.dp_dense_warmup_iters, outer_lr=cfg.dp_outer_lr,
+            outer_momentum=cfg.dp_outer_momentum,
             train_iters=train_iters).validate()
     except AveragingError as exc:
         raise ConfigError(str(exc)) from None

@@ -26,6 +26,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from megatron_asyncmesh import distributed as mdist
 from megatron_asyncmesh.dataparallel.averaging import AveragingError, SparseAverager
 from megatron_asyncmesh.dataparallel.config import averaging_config
 from megatron_asyncmesh.dataparallel.replicas import replica_layout
@@ -104,8 +105,7 @@ def build_averager(cfg, model, optimizer) -> Optional[SparseAverager]:
         return None
     import deepspeed.comm as dscomm
 
-    if not dscomm.is_initialized():
-        dscomm.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
+    mdist.init_deepspeed_comm()
     params, refresh = main_parameters(model, optimizer)
 
     def after_apply() -> None:

@@ -19,6 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatron_asyncmesh import distributed as mdist
 from megatron_asyncmesh import patching
 from megatron_asyncmesh.checkpoint.deepspeed import check_zero_resume, save_zero_checkpoint
 from megatron_asyncmesh.dataparallel.config import averaging_config
@@ -183,11 +184,10 @@ class DeepSpeedEngineRun:
 
     def __init__(self, cfg, dp: int, num_microbatches: int, data, zero_stage: int):
         import deepspeed
-        import deepspeed.comm as dscomm
 
         self.cfg, self.dp, self.num_microbatches = cfg, dp, num_microbatches
         self.zero_stage = zero_stage
-        dscomm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        mdist.init_deepspeed_comm()
         self.comm = CommBytes().install()
         acfg = averaging_config(cfg, cfg.seed, cfg.train_iters)
         model = build_gpt_stage(cfg, data.vocab_size)
