@@ -6,7 +6,7 @@
    four ranks started by ``torchrun`` each time:
 
    - ``mesh``: the fully asynchronous mesh of ``launch/configs/mesh.yaml`` (the
-     recommended recipe), no pipeline flush (``2bw``) and no gradient all-reduce
+     recommended recipe), no pipeline flush (``stash``) and no gradient all-reduce
      (sparse, delayed parameter averaging);
    - ``sync``: the same config with both synchronisations put back: synchronous
      Megatron, the pipeline flushed every step (1F1B) and the gradients

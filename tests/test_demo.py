@@ -24,7 +24,7 @@ def test_demo_compares_sync_and_mesh(tmp_path, tiny_data):
     sync, mesh = rows["sync"], rows["mesh"]
     # The same recipe, the one the README names: only the two synchronisations differ.
     assert (sync["pipeline_schedule"], sync["dp_averaging"]) == ("flush", "none")
-    assert (mesh["pipeline_schedule"], mesh["dp_averaging"]) == ("2bw", "sparse")
+    assert (mesh["pipeline_schedule"], mesh["dp_averaging"]) == ("stash", "sparse")
     assert sync["optimizer"] == mesh["optimizer"] == "muon"
     assert mesh["consensus_val_loss"] is not None and sync["consensus_val_loss"] is None
     # Half of every tensor per step against every gradient: fewer bytes on the data axis,
