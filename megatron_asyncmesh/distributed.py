@@ -90,6 +90,7 @@ def init_distributed(timeout_minutes: Optional[float] = None) -> str:
         # and creates the torch.distributed default group.
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True,
                                    timeout=timeout)
+        release_cpu_shm()
     else:
         if kind == "slurm":
             # One task per rank (`srun asyncmesh-train ...`); the
@@ -114,21 +115,27 @@ def init_deepspeed_comm() -> None:
 
     if not dscomm.is_initialized():
         dscomm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
-        release_cpu_shm()
+    release_cpu_shm()
+
+
+_SHM_RELEASED = []
 
 
 def release_cpu_shm() -> None:
     """On CPU, DeepSpeed's all-reduce (ops/csrc/cpu/comm/shm.cpp) maps one
     ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` per rank (69 MB)
-    and never unlinks it: every run left its files behind. Once every rank has mapped
+    and never unlinks it: every run left its files behind (runs whose launcher sets
+    ``LOCAL_SIZE``, as the ``deepspeed`` launcher does). Once every rank has mapped
     its peers' files (they all did at their initialisation, before this barrier), each
     unlinks its own: the mappings stay valid, and nothing is left even if the run is
     killed later."""
-    import deepspeed.comm as dscomm
-
-    backend = getattr(dscomm, "cdb", None)
-    if torch.cuda.is_available() or getattr(backend, "shm_comm_op", None) is None:
+    from deepspeed.comm import comm as dscomm_impl       # the live backend, not the
+                                                         # package's import-time None
+    backend = getattr(dscomm_impl, "cdb", None)
+    if torch.cuda.is_available() or getattr(backend, "shm_comm_op", None) is None or \
+            _SHM_RELEASED:
         return
+    _SHM_RELEASED.append(True)
     dist.barrier()
     name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
             f"{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
