@@ -697,9 +697,7 @@ class SparseAverager:
         for j in self.ema:
             state[f"ema.{self.keys[j]}"] = self.ema[j]
             state[f"seen.{self.keys[j]}"] = self._seen_mask(j).to(torch.uint8)
-        for name, held in (("anchor", self.anchor), ("outer_m", self.outer_m)):
-            for j, t in held.items():
-                state[f"{name}.{self.keys[j]}"] = t
+        state.update(self._outer_state())
         return state
 
     def _seen_mask(self, j: int) -> torch.Tensor:
@@ -732,9 +730,7 @@ class SparseAverager:
             state[f"ema.{self.keys[j]}"] = torch.empty_like(self.ema[j])
             state[f"seen.{self.keys[j]}"] = torch.empty(self.ema[j].numel(), dtype=torch.uint8,
                                                          device=device)
-        for name, held in (("anchor", self.anchor), ("outer_m", self.outer_m)):
-            for j, t in held.items():
-                state[f"{name}.{self.keys[j]}"] = torch.empty_like(t)
+        state.update({k: torch.empty_like(t) for k, t in self._outer_state().items()})
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -748,15 +744,19 @@ class SparseAverager:
             self.ema[j].copy_(state[f"ema.{self.keys[j]}"])
             if j in self.seen:
                 self.seen[j].copy_(state[f"seen.{self.keys[j]}"].bool())
-        for name, held in (("anchor", self.anchor), ("outer_m", self.outer_m)):
-            for j, t in held.items():
-                key = f"{name}.{self.keys[j]}"
-                if key not in state:
-                    raise AveragingError(
-                        f"the checkpoint has no outer-step state ({key}): it was saved "
-                        f"without --dp-outer-lr / --dp-outer-momentum. Resume with "
-                        f"--dp-outer-lr 1 --dp-outer-momentum 0, or start a new run.")
-                t.copy_(state[key])
+        for key, t in self._outer_state().items():
+            if key not in state:
+                raise AveragingError(
+                    f"the checkpoint has no outer-step state ({key}): it was saved "
+                    f"without --dp-outer-lr / --dp-outer-momentum. Resume with "
+                    f"--dp-outer-lr 1 --dp-outer-momentum 0, or start a new run.")
+            t.copy_(state[key])
+
+    def _outer_state(self) -> Dict[str, torch.Tensor]:
+        """The outer step's anchor and momentum by checkpoint key (empty without it)."""
+        return {f"{name}.{self.keys[j]}": t
+                for name, held in (("anchor", self.anchor), ("outer_m", self.outer_m))
+                for j, t in held.items()}
 
     def state_bytes_per_parameter(self) -> float:
         """Bytes the averager keeps per parameter besides the pending averages: the drift
@@ -764,8 +764,7 @@ class SparseAverager:
         numel = sum(p.numel() for p in self.params) or 1
         held = sum(t.numel() * t.element_size() for t in self.ema.values())
         held += sum(t.numel() * t.element_size() for t in self.seen.values())
-        held += sum(t.numel() * t.element_size()
-                    for t in (*self.anchor.values(), *self.outer_m.values()))
+        held += sum(t.numel() * t.element_size() for t in self._outer_state().values())
         return (held + self.selector.held_bytes()) / numel
 
     def pending_bytes_per_parameter(self) -> float:
