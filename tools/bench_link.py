@@ -15,8 +15,9 @@ data and tokens per step in every run (``launch/configs/mesh.yaml``):
             the mesh's optimizer and hyperparameters (Muon, lr, schedule; no error
             feedback, nothing to correct)
     mesh    the full asynchronous mesh, mesh.yaml as it is (stash + Muon + error feedback,
-            sparse ema averaging at mesh.yaml's fraction and delay); trains ``--mesh-steps-factor`` times as many steps
-            (its own cosine schedule), so it can reach the target if it learns slower
+            sparse ema averaging at mesh.yaml's fraction and delay); trains
+            ``--mesh-steps-factor`` times as many steps (its own cosine schedule), so it
+            can reach the target if it learns slower
     zero1   DeepSpeed ZeRO-1 data parallelism over the 4 ranks (DP = 4: DeepSpeed's
             engine here has no pipeline), torch AdamW (the engine's optimizer) at
             ``--zero1-lr``
