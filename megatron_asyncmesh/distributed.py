@@ -18,10 +18,14 @@ forever; the launchers also kill the surviving ranks when one fails.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -88,8 +92,9 @@ def init_distributed(timeout_minutes: Optional[float] = None) -> str:
 
         # DeepSpeed reads rank/size/master from mpi4py, exports them as env vars
         # and creates the torch.distributed default group.
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True,
-                                   timeout=timeout)
+        with stale_build_lock_watchdog():
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True,
+                                       timeout=timeout)
         release_cpu_shm()
     else:
         if kind == "slurm":
@@ -114,8 +119,64 @@ def init_deepspeed_comm() -> None:
     import deepspeed.comm as dscomm
 
     if not dscomm.is_initialized():
-        dscomm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        with stale_build_lock_watchdog():
+            dscomm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     release_cpu_shm()
+
+
+# DeepSpeed compiles its CPU all-reduce (``deepspeed_shm_comm``) with torch's JIT
+# extension builder at its initialisation; the builder holds a ``lock`` file in the
+# build directory and every other process waits, without limit, for it to go. A run
+# killed while compiling (Ctrl-C during a first run's start-up) leaves the file
+# behind, and every later run then waited forever at start-up, silently.
+SHM_EXTENSION = "deepspeed_shm_comm"
+STALE_LOCK_SECONDS = 180.0
+
+
+def clear_stale_build_lock(build_dir: str, stale_after: Optional[float] = None) -> bool:
+    """Remove ``build_dir/lock`` when nothing in ``build_dir`` (the lock included) has
+    changed for ``stale_after`` seconds (default STALE_LOCK_SECONDS): a compile in
+    progress writes its outputs, a dead one does not. Returns True when it removed it."""
+    stale_after = STALE_LOCK_SECONDS if stale_after is None else stale_after
+    lock = os.path.join(build_dir, "lock")
+    try:
+        newest = max(os.path.getmtime(os.path.join(build_dir, f))
+                     for f in os.listdir(build_dir))
+        if not os.path.exists(lock) or time.time() - newest < stale_after:
+            return False
+        os.remove(lock)
+    except (OSError, ValueError):          # gone meanwhile, or another rank removed it
+        return False
+    print(f"warning: removed {lock}, a stale lock of torch's extension builder (unchanged "
+          f"for {stale_after:.0f} s: a run was killed while DeepSpeed compiled its CPU "
+          f"all-reduce); compiling again.", file=sys.stderr, flush=True)
+    return True
+
+
+@contextlib.contextmanager
+def stale_build_lock_watchdog(interval: float = 5.0):
+    """While DeepSpeed's communication initialises on CPU, clear a stale lock of its
+    extension build (:func:`clear_stale_build_lock`) so the wait ends."""
+    if torch.cuda.is_available():
+        yield
+        return
+    from torch.utils.cpp_extension import _get_build_directory
+
+    build_dir = _get_build_directory(SHM_EXTENSION, verbose=False)
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(interval):
+            clear_stale_build_lock(build_dir)
+
+    clear_stale_build_lock(build_dir)
+    thread = threading.Thread(target=watch, name="stale-build-lock", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 _SHM_RELEASED = []

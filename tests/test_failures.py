@@ -4,6 +4,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -77,3 +78,40 @@ def test_non_312_python_is_refused():
     assert setup.returncode == 3
     assert "not a working Python 3.12 interpreter" in setup.stderr
     assert "pyenv install 3.12" in setup.stderr
+
+
+def test_stale_extension_build_lock_does_not_hang_start_up(tmp_path, monkeypatch):
+    """A run killed while DeepSpeed compiled its CPU all-reduce leaves torch's build lock
+    behind, and torch's FileBaton waits for it without limit: the watchdog around
+    deepspeed.comm's initialisation removes a lock nothing has touched for a while (and
+    only such a lock), so the wait ends."""
+    import torch.utils.cpp_extension as cpp
+    from torch.utils.file_baton import FileBaton
+
+    from megatron_asyncmesh import distributed as mdist
+
+    build = tmp_path / "deepspeed_shm_comm"
+    build.mkdir()
+    lock, output = build / "lock", build / "shm.o"
+    lock.touch()
+    output.touch()
+    assert not mdist.clear_stale_build_lock(str(build), stale_after=60)     # compiling
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    assert not mdist.clear_stale_build_lock(str(build), stale_after=60)     # output fresh
+    os.utime(output, (old, old))
+    assert mdist.clear_stale_build_lock(str(build), stale_after=60)
+    assert not lock.exists()
+
+    lock.touch()
+    os.utime(lock, (old, old))
+    monkeypatch.setattr(cpp, "_get_build_directory", lambda name, verbose: str(build))
+    monkeypatch.setattr(mdist, "STALE_LOCK_SECONDS", 60.0)
+    with mdist.stale_build_lock_watchdog(interval=0.05):
+        # DeepSpeed's wait (torch's FileBaton), in a thread so a failure cannot hang here.
+        waiter = threading.Thread(target=FileBaton(str(lock), wait_seconds=0.05).wait,
+                                  daemon=True)
+        waiter.start()
+        waiter.join(10)
+        assert not waiter.is_alive(), "still waiting on the stale lock"
+    assert not lock.exists()
