@@ -130,7 +130,7 @@ def init_deepspeed_comm() -> None:
 # killed while compiling (Ctrl-C during a first run's start-up) leaves the file
 # behind, and every later run then waited forever at start-up, silently.
 SHM_EXTENSION = "deepspeed_shm_comm"
-STALE_LOCK_SECONDS = 180.0
+STALE_LOCK_SECONDS = 300.0
 
 
 def clear_stale_build_lock(build_dir: str, stale_after: Optional[float] = None) -> bool:
