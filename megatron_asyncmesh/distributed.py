@@ -157,11 +157,13 @@ def clear_stale_build_lock(build_dir: str, stale_after: Optional[float] = None) 
 def stale_build_lock_watchdog(interval: float = 5.0):
     """While DeepSpeed's communication initialises on CPU, clear a stale lock of its
     extension build (:func:`clear_stale_build_lock`) so the wait ends."""
-    if torch.cuda.is_available():
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+    except ImportError:                    # a torch without it: nothing to watch
+        _get_build_directory = None
+    if torch.cuda.is_available() or _get_build_directory is None:
         yield
         return
-    from torch.utils.cpp_extension import _get_build_directory
-
     build_dir = _get_build_directory(SHM_EXTENSION, verbose=False)
     done = threading.Event()
 
