@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
@@ -42,24 +41,23 @@ def data_args(tiny_data):
 @pytest.fixture(scope="session", autouse=True)
 def warm_server():
     """tests/zygote.py's server for the whole session: torch, Megatron-core and DeepSpeed
-    imported once; every launch and tool of the harness is forked from it."""
+    imported once; every launch and tool of the harness is forked from it. It starts in
+    the background: tests that launch nothing do not wait for it, and the first launch
+    waits for its socket (tests/zygote.py's client)."""
     from tests.harness import env_for_ranks
-    from tests.zygote import ENV
+    from tests.zygote import ENV, ENV_PID
 
     where = tempfile.mkdtemp(prefix="asyncmesh-zygote-")
     path = os.path.join(where, "socket")
     server = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "zygote.py"),
                                "serve", path], env=env_for_ranks(), cwd=REPO,
                               start_new_session=True, stdout=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not os.path.exists(path) and server.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    if os.path.exists(path):
-        os.environ[ENV] = path
+    os.environ[ENV], os.environ[ENV_PID] = path, str(server.pid)
     try:
         yield path
     finally:
         os.environ.pop(ENV, None)
+        os.environ.pop(ENV_PID, None)
         server.terminate()
         try:
             server.wait(timeout=30)

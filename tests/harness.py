@@ -30,9 +30,18 @@ TINY = os.path.join(REPO, "launch", "configs", "tiny.yaml")
 ZYGOTE_CLIENT = [sys.executable, os.path.join(REPO, "tests", "zygote.py"), "client"]
 
 
+def _zygote_client() -> List[str]:
+    """The client's command, once the session's server (started in the background) is
+    ready: the wait happens here, not inside a launch's timeout."""
+    from tests.zygote import wait_for_server
+
+    wait_for_server()
+    return ZYGOTE_CLIENT
+
+
 def python_cmd(script: str, *args: str) -> List[str]:
     """``python script args...`` as a child of the warm server (see tests/zygote.py)."""
-    return [*ZYGOTE_CLIENT, "script", script, *args]
+    return [*_zygote_client(), "script", script, *args]
 
 
 def env_for_ranks(extra: Optional[dict] = None) -> dict:
@@ -48,7 +57,8 @@ def launcher_cmd(launcher: str, nproc: int, target: Sequence[str]) -> List[str]:
     """``target`` is ``["-m", module, args...]`` or ``[script.py, args...]``."""
     port = str(free_port())
     if launcher == "fork":
-        return [*ZYGOTE_CLIENT, "launch", "--nproc", str(nproc), "--master-port", port, *target]
+        return [*_zygote_client(), "launch", "--nproc", str(nproc), "--master-port", port,
+                *target]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_addr", "127.0.0.1", "--master_port", port, *target]

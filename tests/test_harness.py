@@ -7,6 +7,7 @@ import textwrap
 import time
 
 from tests.harness import env_for_ranks, launch, python_cmd
+from tests.zygote import wait_for_server
 
 SCRIPT = textwrap.dedent("""
     import os, sys, time
@@ -36,6 +37,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_launch_output_and_exit_status(tmp_path, warm_server):
+    wait_for_server(warm_server)                 # it starts in the background
     assert os.path.exists(warm_server)          # the launches below are forked from it
     script = _script(tmp_path)
     ok = launch([script, str(tmp_path), "ok"], nproc=2, timeout=60)

@@ -29,13 +29,47 @@ import signal
 import socket
 import struct
 import sys
+import time
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = "ASYNCMESH_TEST_ZYGOTE"
+ENV_PID = "ASYNCMESH_TEST_ZYGOTE_PID"       # the server, while it is starting
+START_SECONDS = 120.0
+
+
+def wait_for_server(path: Optional[str] = None) -> None:
+    """The server starts in the background (tests/conftest.py): wait for its socket
+    (``path``, default the session's) while its process lives, up to START_SECONDS; then
+    run cold. The harness calls it while it builds a command, before a timeout starts."""
+    path = path or os.environ.get(ENV)
+    if not path:
+        return
+    try:
+        pid = int(os.environ.get(ENV_PID, ""))
+    except ValueError:
+        return
+    deadline = time.time() + START_SECONDS
+    while not os.path.exists(path) and time.time() < deadline and _alive(pid):
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` runs (a dead server stays a zombie until pytest reaps it at the end)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return not os.path.isdir("/proc")     # no /proc: trust kill(0)
 
 
 # ---------------------------------------------------------------------------- client
 def client(mode: str, argv: list) -> int:
+    wait_for_server()
     path = os.environ.get(ENV)
     sock = None
     if path and os.path.exists(path):
