@@ -42,8 +42,8 @@ def data_args(tiny_data):
 def warm_server():
     """tests/zygote.py's server for the whole session: torch, Megatron-core and DeepSpeed
     imported once; every launch and tool of the harness is forked from it. It starts in
-    the background: tests that launch nothing do not wait for it, and the first launch
-    waits for its socket (tests/zygote.py's client)."""
+    the background: tests that launch nothing do not wait for it, and the harness waits
+    for its socket when it builds the first launch's command (tests/harness.py)."""
     from tests.harness import env_for_ranks
     from tests.zygote import ENV, ENV_PID
 

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.harness import REPO, TINY, env_for_ranks, launcher_cmd
+from tests.zygote import alive
 
 
 def _children(pid):
@@ -45,8 +46,7 @@ def test_killed_rank_ends_the_whole_job(tmp_path, data_args):
         assert proc.returncode != 0
         assert time.time() - t_kill < 90
         for pid in ranks:  # no orphaned rank keeps running
-            assert not os.path.exists(f"/proc/{pid}") or \
-                open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+            assert not alive(pid), pid
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -7,7 +7,7 @@ import textwrap
 import time
 
 from tests.harness import env_for_ranks, launch, python_cmd
-from tests.zygote import wait_for_server
+from tests.zygote import alive, wait_for_server
 
 SCRIPT = textwrap.dedent("""
     import os, sys, time
@@ -26,14 +26,6 @@ def _script(tmp_path):
     path = tmp_path / "target.py"
     path.write_text(SCRIPT)
     return str(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_launch_output_and_exit_status(tmp_path, warm_server):
@@ -56,6 +48,6 @@ def test_a_timeout_leaves_no_process(tmp_path):
     assert res.timed_out and time.time() - t0 < 60
     pids = [int((tmp_path / f"pid.{r}").read_text()) for r in range(2)]
     deadline = time.time() + 10
-    while any(_alive(p) for p in pids) and time.time() < deadline:
+    while any(alive(p) for p in pids) and time.time() < deadline:
         time.sleep(0.2)
-    assert not any(_alive(p) for p in pids), pids
+    assert not any(alive(p) for p in pids), pids
