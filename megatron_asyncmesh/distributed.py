@@ -134,18 +134,22 @@ STALE_LOCK_SECONDS = 300.0
 
 
 def clear_stale_build_lock(build_dir: str, stale_after: Optional[float] = None) -> bool:
-    """Remove ``build_dir/lock`` when nothing in ``build_dir`` (the lock included) has
+    """Remove ``build_dir/lock`` when neither it nor anything else in ``build_dir`` has
     changed for ``stale_after`` seconds (default STALE_LOCK_SECONDS): a compile in
-    progress writes its outputs, a dead one does not. Returns True when it removed it."""
+    progress writes its outputs, a dead one does not. Returns True when it removed it.
+
+    The lock is looked at first: a lock taken after that look is not judged by the
+    older files around it (the holder would then fail to release it)."""
     stale_after = STALE_LOCK_SECONDS if stale_after is None else stale_after
     lock = os.path.join(build_dir, "lock")
     try:
-        newest = max(os.path.getmtime(os.path.join(build_dir, f))
-                     for f in os.listdir(build_dir))
-        if not os.path.exists(lock) or time.time() - newest < stale_after:
+        newest = os.stat(lock).st_mtime
+        for name in os.listdir(build_dir):
+            newest = max(newest, os.path.getmtime(os.path.join(build_dir, name)))
+        if time.time() - newest < stale_after:
             return False
         os.remove(lock)
-    except (OSError, ValueError):          # gone meanwhile, or another rank removed it
+    except OSError:                        # no lock, or it went meanwhile
         return False
     print(f"warning: removed {lock}, a stale lock of torch's extension builder (unchanged "
           f"for {stale_after:.0f} s: a run was killed while DeepSpeed compiled its CPU "
@@ -153,15 +157,27 @@ def clear_stale_build_lock(build_dir: str, stale_after: Optional[float] = None) 
     return True
 
 
+def local_rank() -> int:
+    """This rank's index on its machine, from whichever launcher started it (0 when none
+    says)."""
+    for var in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+                "SLURM_LOCALID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
 @contextlib.contextmanager
 def stale_build_lock_watchdog(interval: float = 5.0):
     """While DeepSpeed's communication initialises on CPU, clear a stale lock of its
-    extension build (:func:`clear_stale_build_lock`) so the wait ends."""
+    extension build (:func:`clear_stale_build_lock`) so the wait ends. Only the first
+    rank of each machine watches: two watchers could both judge one dead lock, and the
+    second would remove the live lock a waiting rank took after the first removed it."""
     try:
         from torch.utils.cpp_extension import _get_build_directory
     except ImportError:                    # a torch without it: nothing to watch
         _get_build_directory = None
-    if torch.cuda.is_available() or _get_build_directory is None:
+    if torch.cuda.is_available() or _get_build_directory is None or local_rank() != 0:
         yield
         return
     build_dir = _get_build_directory(SHM_EXTENSION, verbose=False)

@@ -103,10 +103,33 @@ def test_stale_extension_build_lock_does_not_hang_start_up(tmp_path, monkeypatch
     assert mdist.clear_stale_build_lock(str(build), stale_after=60)
     assert not lock.exists()
 
-    lock.touch()
+    # A rank takes the lock while another looks at the (old) directory: the live lock
+    # stays, or its holder's release fails (seen in the suite before the fix).
+    # The lock is taken right after the first look at the directory, whichever it is.
+    taken = []
+    with monkeypatch.context() as patch:
+        def then_lock(real):
+            def look(*args, **kwargs):
+                try:
+                    return real(*args, **kwargs)
+                finally:
+                    if not taken:
+                        taken.append(True)
+                        open(lock, "w").close()       # a fresh lock, as FileBaton's
+            return look
+        patch.setattr(mdist.os, "stat", then_lock(os.stat))
+        patch.setattr(mdist.os, "listdir", then_lock(os.listdir))
+        assert not mdist.clear_stale_build_lock(str(build), stale_after=60)
+    assert lock.exists()
+
     os.utime(lock, (old, old))
     monkeypatch.setattr(cpp, "_get_build_directory", lambda name, verbose: str(build))
     monkeypatch.setattr(mdist, "STALE_LOCK_SECONDS", 60.0)
+    monkeypatch.setenv("LOCAL_RANK", "1")              # only each machine's first rank
+    with mdist.stale_build_lock_watchdog(interval=0.05):
+        time.sleep(0.3)
+    assert lock.exists()
+    monkeypatch.setenv("LOCAL_RANK", "0")
     with mdist.stale_build_lock_watchdog(interval=0.05):
         # DeepSpeed's wait (torch's FileBaton), in a thread so a failure cannot hang here.
         waiter = threading.Thread(target=FileBaton(str(lock), wait_seconds=0.05).wait,
