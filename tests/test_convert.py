@@ -143,6 +143,22 @@ def test_hf_export_parity_and_round_trip(llama_run, tiny_data):
     assert history[0]["step"] == 0 and history[-1]["step"] == 2
     assert history[0]["val_loss"] == pytest.approx(theirs["val_loss"], abs=1e-5)
 
+    # bf16 (fp32 main weights in the optimizer) with sparse averaging and an outer step
+    # (its anchor): both were copied from the initial weights before the import was
+    # loaded, and the first step used to write the initial weights back (the loss
+    # jumped to the untrained model's).
+    cont16 = str(root / "continued-bf16")
+    train(cont16, 2, [*llama_run["data"], *LLAMA, "--bf16", "--optimizer", "muon",
+                      "--dp-averaging", "sparse", "--dp-fraction", "0.5", "--dp-delay", "0",
+                      "--dp-outer-lr", "1.5", "--train-iters", "3", "--lr",
+                      "1e-4", "--lr-warmup-iters", "1", "--eval-interval", "1",
+                      "--eval-iters", "2", "--load", back])
+    losses = [h["val_loss"] for h in read_summary(cont16)["val_loss_history"]]
+    untrained = read_summary(llama_run["run"])["val_loss_history"][0]["val_loss"]
+    assert len(losses) == 4 and losses[0] == pytest.approx(theirs["val_loss"], abs=0.02)
+    assert max(abs(x - losses[0]) for x in losses) < 0.1 * (untrained - losses[0]), \
+        (losses, untrained)
+
 
 # ----------------------------------------------------------------------------- bad input
 def test_bad_inputs_are_refused_and_leave_nothing(tmp_path, llama_run):

@@ -141,6 +141,76 @@ def test_averager_state_round_trip(case):
         assert all(torch.equal(a, b) for a, b in zip(run(stop), straight)), stop
 
 
+def test_outer_step_anchor_is_reduced_once_and_not_on_resume():
+    """The outer step's anchor (the replicas' mean of the starting weights) costs one
+    dense all-reduce, at the first sparse step, not in the constructor: a resumed run
+    loads it from its checkpoint and a dense warm start sets it, so neither sends the
+    whole model for it; new weights before the first step (a weights-only checkpoint)
+    reset it. Two replicas with equal weights: the mean is the weights."""
+
+    class Work:
+        def wait(self):
+            pass
+
+    class TwoReplicas:
+        def __init__(self):
+            self.reduced = []                       # sizes of every all-reduce
+
+        def get_world_size(self, group=None):
+            return 2
+
+        def get_rank(self, group=None):
+            return 0
+
+        def all_gather_object(self, out, obj, group=None):
+            out[:] = [obj] * len(out)
+
+        def all_reduce(self, t, group=None, async_op=False):
+            self.reduced.append(t.numel())
+            t.mul_(2)                               # the other replica holds the same
+            return Work() if async_op else None
+
+    def averager(comm, params, **over):
+        cfg = AveragingConfig(fraction=0.5, delay=1, correction="ema", outer_lr=1.5,
+                              outer_momentum=0.5, selector="partition", train_iters=10,
+                              **over)
+        return SparseAverager(params, cfg, comm=comm)
+
+    numels = [40, 9]
+    whole = sum(numels)
+    fresh = TwoReplicas()
+    params = [(f"w{i}", torch.randn(n)) for i, n in enumerate(numels)]
+    avg = averager(fresh, params)
+    assert fresh.reduced == []                      # nothing in the constructor
+    start = [p.clone() for _, p in params]
+    for _, p in params:                             # new weights before the first step
+        p.add_(1.0)
+    avg.reset_anchor()
+    avg.step()
+    assert fresh.reduced[:2] == numels and sum(fresh.reduced[2:]) < whole
+    assert all(torch.equal(avg.anchor[j], s + 1.0) for j, s in enumerate(start))
+    for _ in range(3):
+        avg.step()
+    state = {k: v.clone() for k, v in avg.state_dict().items()}
+    assert len(fresh.reduced) == 6 and sum(fresh.reduced[2:]) == 2 * whole  # 4 selections
+
+    resumed = TwoReplicas()
+    again = averager(resumed, params)
+    again.load_state_dict(state)
+    for _ in range(4):
+        again.step()
+    assert len(resumed.reduced) == 4 and sum(resumed.reduced) == 2 * whole   # 4 selections
+    with pytest.raises(Exception, match="reset_anchor after 8 steps"):
+        again.reset_anchor()
+
+    warm = TwoReplicas()
+    dense = averager(warm, params, dense_iters=2)
+    for _ in range(4):
+        dense.step()
+    assert warm.reduced[:4] == numels * 2           # two dense steps, tensor by tensor
+    assert len(warm.reduced) == 6 and sum(warm.reduced[4:]) <= whole   # two selections
+
+
 def test_resumed_runs_keep_their_selector():
     """--dp-selector auto: block for a new run, the checkpoint's selector on resume
     (checkpoints from before the block selector record partition); an explicit selector

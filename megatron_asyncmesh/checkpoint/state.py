@@ -231,6 +231,12 @@ def load(cfg, model, optimizer, scheduler,
         state = dist_checkpointing.load(
             {"model": unwrap_model(model).sharded_state_dict()}, path)
         unwrap_model(model).load_state_dict(state["model"])
+        # The optimizer's fp32 main weights (bf16, ZeRO-1) and the outer step's anchor
+        # were copied from the initial weights: without this the first step writes the
+        # initial weights plus one update back over the imported ones.
+        optimizer.reload_model_params()
+        if averager is not None:
+            averager.reset_anchor()
         return 0, {}
     pipeline = {}
     common = dist_checkpointing.load_common_state_dict(path)

@@ -434,7 +434,9 @@ class SparseAverager:
                 if cfg.selector == "bernoulli":
                     self.seen[j] = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
         # The outer step's anchor (the consensus) and momentum, fp32; the anchor starts as
-        # the replicas' mean (one dense all-reduce here), so every replica holds the same.
+        # the replicas' mean of these weights, so every replica holds the same: one dense
+        # all-reduce at the first step (:meth:`_reduce_anchor`), none when a checkpoint's
+        # anchor is loaded first or a dense warm start sets it.
         self.anchor: Dict[int, torch.Tensor] = {}
         self.outer_m: Dict[int, torch.Tensor] = {}
         if cfg.outer:
@@ -449,11 +451,8 @@ class SparseAverager:
         self.bytes_sent = 0
         self.last_step_bytes = 0
         self.replica_bytes_sent = 0     # the parts' all-gather inside the replica
+        self.anchor_reduced = not (self.anchor and self.world > 1)
         self.check_replicas_agree()
-        if self.anchor and self.world > 1:
-            for a in self.anchor.values():
-                self.comm.all_reduce(a, group=self.group)
-                a.div_(self.world)
 
     # ------------------------------------------------------------------ set-up
     def signature(self) -> dict:
@@ -525,6 +524,8 @@ class SparseAverager:
         self.steps += 1
         if t < self.cfg.dense_iters:
             return self._dense_step()
+        if not self.anchor_reduced:
+            self._reduce_anchor()
         selection = self._select(t)
         snapshot = self._gather(selection)
         buffer, part = self._parts(snapshot)
@@ -569,6 +570,27 @@ class SparseAverager:
         self.comm.all_gather_into_tensor(buffer, mine, group=self.replica_group)
         self.replica_bytes_sent += mine.numel() * mine.element_size() * (self.parts - 1)
 
+    def reset_anchor(self) -> None:
+        """The weights were replaced before the first step (a weights-only checkpoint
+        loaded after this averager was built): the outer step's anchor is taken from them
+        again, and all-reduced at the first step as a new one is."""
+        if self.steps:
+            raise AveragingError(f"reset_anchor after {self.steps} steps: the anchor is "
+                                 f"the consensus by then; only new weights reset it.")
+        for j, a in self.anchor.items():
+            a.copy_(self.params[j].detach().reshape(-1))
+        self.anchor_reduced = not (self.anchor and self.world > 1)
+
+    def _reduce_anchor(self) -> None:
+        """The anchor, still the weights this averager was built on, becomes the
+        replicas' mean of them. Deferred from the constructor to the first sparse step,
+        so that a resumed run, whose checkpoint holds the anchor, does not all-reduce the
+        whole model across the slow links for nothing."""
+        for a in self.anchor.values():
+            self.comm.all_reduce(a, group=self.group)
+            a.div_(self.world)
+        self.anchor_reduced = True
+
     def _select(self, step: int) -> list:
         """Step ``step``'s selection. The selector counts sparse steps, so its first
         cycle starts with the sparse averaging (after any dense warm-up) and every
@@ -599,6 +621,7 @@ class SparseAverager:
             self.after_apply()
         for j, a in self.anchor.items():             # the consensus is the mean now
             a.copy_(self.params[j].detach().reshape(-1))
+        self.anchor_reduced = True
         self.last_step_bytes = sent
         self.elements_sent += elements
         self.bytes_sent += sent
@@ -751,6 +774,8 @@ class SparseAverager:
                     f"without --dp-outer-lr / --dp-outer-momentum. Resume with "
                     f"--dp-outer-lr 1 --dp-outer-momentum 0, or start a new run.")
             t.copy_(state[key])
+        if self.anchor:
+            self.anchor_reduced = True          # the checkpoint's anchor is the consensus
 
     def _outer_state(self) -> Dict[str, torch.Tensor]:
         """The outer step's anchor and momentum by checkpoint key (empty without it)."""
