@@ -524,8 +524,7 @@ class SparseAverager:
         self.steps += 1
         if t < self.cfg.dense_iters:
             return self._dense_step()
-        if not self.anchor_reduced:
-            self._reduce_anchor()
+        anchor_bytes = 0 if self.anchor_reduced else self._reduce_anchor()
         selection = self._select(t)
         snapshot = self._gather(selection)
         buffer, part = self._parts(snapshot)
@@ -537,6 +536,7 @@ class SparseAverager:
         self.last_step_bytes = part.numel() * part.element_size() if self.world > 1 else 0
         self.elements_sent += part.numel() if self.world > 1 else 0
         self.bytes_sent += self.last_step_bytes
+        self.last_step_bytes += anchor_bytes
         while self.pending and self.pending[0].step + self.cfg.delay <= t:
             self._apply(self.pending.popleft(), t)
         return self.last_step_bytes
@@ -581,15 +581,20 @@ class SparseAverager:
             a.copy_(self.params[j].detach().reshape(-1))
         self.anchor_reduced = not (self.anchor and self.world > 1)
 
-    def _reduce_anchor(self) -> None:
+    def _reduce_anchor(self) -> int:
         """The anchor, still the weights this averager was built on, becomes the
-        replicas' mean of them. Deferred from the constructor to the first sparse step,
+        replicas' mean of them (returns the bytes sent, counted as this step's). Deferred from the constructor to the first sparse step,
         so that a resumed run, whose checkpoint holds the anchor, does not all-reduce the
         whole model across the slow links for nothing."""
+        sent = 0
         for a in self.anchor.values():
             self.comm.all_reduce(a, group=self.group)
             a.div_(self.world)
+            self.elements_sent += a.numel()
+            sent += a.numel() * a.element_size()
         self.anchor_reduced = True
+        self.bytes_sent += sent
+        return sent
 
     def _select(self, step: int) -> list:
         """Step ``step``'s selection. The selector counts sparse steps, so its first
