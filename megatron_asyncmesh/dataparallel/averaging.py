@@ -441,7 +441,7 @@ class SparseAverager:
         self.outer_m: Dict[int, torch.Tensor] = {}
         if cfg.outer:
             for j, p in enumerate(self.params):
-                self.anchor[j] = p.detach().float().reshape(-1).clone()
+                self.anchor[j] = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
                 if cfg.outer_momentum:
                     self.outer_m[j] = torch.zeros(p.numel(), dtype=torch.float32,
                                                   device=p.device)
@@ -451,7 +451,7 @@ class SparseAverager:
         self.bytes_sent = 0
         self.last_step_bytes = 0
         self.replica_bytes_sent = 0     # the parts' all-gather inside the replica
-        self.anchor_reduced = not (self.anchor and self.world > 1)
+        self.reset_anchor()
         self.check_replicas_agree()
 
     # ------------------------------------------------------------------ set-up
@@ -571,9 +571,9 @@ class SparseAverager:
         self.replica_bytes_sent += mine.numel() * mine.element_size() * (self.parts - 1)
 
     def reset_anchor(self) -> None:
-        """The weights were replaced before the first step (a weights-only checkpoint
-        loaded after this averager was built): the outer step's anchor is taken from them
-        again, and all-reduced at the first step as a new one is."""
+        """The outer step's anchor taken from the weights (at construction, and again
+        when a weights-only checkpoint replaced them before the first step), to be
+        all-reduced at the first sparse step."""
         if self.steps:
             raise AveragingError(f"reset_anchor after {self.steps} steps: the anchor is "
                                  f"the consensus by then; only new weights reset it.")
@@ -583,9 +583,9 @@ class SparseAverager:
 
     def _reduce_anchor(self) -> int:
         """The anchor, still the weights this averager was built on, becomes the
-        replicas' mean of them (returns the bytes sent, counted as this step's). Deferred from the constructor to the first sparse step,
-        so that a resumed run, whose checkpoint holds the anchor, does not all-reduce the
-        whole model across the slow links for nothing."""
+        replicas' mean of them; returns the bytes sent, counted as this step's. Deferred
+        from the constructor to the first sparse step, so that a resumed run, whose
+        checkpoint holds the anchor, does not all-reduce the whole model for nothing."""
         sent = 0
         for a in self.anchor.values():
             self.comm.all_reduce(a, group=self.group)
