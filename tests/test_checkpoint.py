@@ -223,8 +223,10 @@ def test_legacy_checkpoint_continues(tmp_path):
     """A checkpoint written by an earlier version (tests/fixtures/legacy_mesh, made by
     make_legacy_checkpoint.py at the commit it names: the full mesh, PP = 2 x DP = 2,
     2bw + nadamw + error feedback + sparse ema averaging, saved at step 3) loads with
-    this version and continues bitwise: steps 4-6 and the final validation loss equal
-    that version's own straight run."""
+    this version and continues bitwise: steps 4-6 equal that version's own straight run,
+    and so does the final validation loss, to float32 rounding: evaluation's forward-only
+    kernels sum in an order that depends on the CPU (on an AMD EPYC with AVX-512
+    6.799527526 against the fixture machine's 6.799527645, the training losses equal)."""
     fixture = os.path.join(os.path.dirname(__file__), "fixtures", "legacy_mesh")
     with open(os.path.join(fixture, "expected.json")) as f:
         expected = json.load(f)
@@ -239,4 +241,4 @@ def test_legacy_checkpoint_continues(tmp_path):
     got = {str(r["step"]): r["loss"] for r in train_lines}
     assert sorted(got) == ["4", "5", "6"]
     assert got == {s: expected["losses"][s] for s in got}
-    assert val_lines[-1]["val_loss"] == expected["val_loss"]
+    assert val_lines[-1]["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-6, abs=0)

@@ -396,8 +396,9 @@ class SparseAverager:
     ``replica_group``: the other ranks of this rank's replica (``--dp-ranks-per-replica
     R > 1``), which hold the same parameters. Then ``group`` is the averaging group
     (one rank per replica) and the replica's R ranks split the work: each all-reduces
-    one R-th of every step's selection across the replicas, and when the average is
-    applied they all-gather the parts inside the replica (its fast links). A replica
+    one R-th of every step's selection (and of the outer step's anchor, the dense
+    warm-up's model) across the replicas, and when the average is applied they
+    all-gather the parts inside the replica (its fast links). A replica
     thus sends the selection once across the slow links whatever R, and its ranks
     apply identical averages, so they stay identical.
     """
@@ -587,11 +588,27 @@ class SparseAverager:
         from the constructor to the first sparse step, so that a resumed run, whose
         checkpoint holds the anchor, does not all-reduce the whole model for nothing."""
         sent = 0
-        for a in self.anchor.values():
-            self.comm.all_reduce(a, group=self.group)
-            a.div_(self.world)
-            self.elements_sent += a.numel()
-            sent += a.numel() * a.element_size()
+        anchors = list(self.anchor.values())
+        if self.parts > 1:
+            # The replica's ranks split the model, as a sparse selection: each sends one
+            # R-th across the replicas, then they all-gather the parts inside the replica.
+            whole = torch.cat(anchors)
+            buffer, part = self._parts(whole)
+            self.comm.all_reduce(part, group=self.group)
+            self._all_gather_parts(buffer, part)
+            buffer = buffer[:whole.numel()].div_(self.world)
+            offset = 0
+            for a in anchors:
+                a.copy_(buffer[offset:offset + a.numel()])
+                offset += a.numel()
+            self.elements_sent += part.numel()
+            sent = part.numel() * part.element_size()
+        else:
+            for a in anchors:
+                self.comm.all_reduce(a, group=self.group)
+                a.div_(self.world)
+                self.elements_sent += a.numel()
+                sent += a.numel() * a.element_size()
         self.anchor_reduced = True
         self.bytes_sent += sent
         return sent
