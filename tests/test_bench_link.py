@@ -54,3 +54,18 @@ def test_without_root_it_says_why(bench, monkeypatch, capsys):
     monkeypatch.setattr(bench, "unavailable", lambda: "not root: needs root")
     assert bench.main(["--out", "/nonexistent/never-made"]) == 77
     assert "not root" in capsys.readouterr().out
+
+
+def test_model_flags_reach_every_run_and_the_report(bench, tmp_path):
+    """--model-flags: the same model and tokens in all three runs (after mesh.yaml, so
+    they override it), named in the table's heading."""
+    flags = ["--micro-batch-size", "1", "--global-batch-size", "8"]
+    for name in ("sync", "mesh", "zero1"):
+        _, args = bench.run_spec(name, 10, 2.0, 2e-3, flags)
+        at = args.index("--micro-batch-size")
+        assert args[at:at + 4] == flags and args.index("--config") < at, name
+    results = {"100mbit": {"sync": {"curve": [(0.0, 0, 8.0), (10.0, 10, 5.0)],
+                                    "train_iters": 10, "final_loss": 5.0,
+                                    "train_seconds": 10.0, "tokens_per_s": 1.0}}}
+    text = bench.report(str(tmp_path), results, model_flags=" ".join(flags))
+    assert "mesh.yaml with `--micro-batch-size 1 --global-batch-size 8`" in text

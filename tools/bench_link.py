@@ -22,6 +22,10 @@ data and tokens per step in every run (``launch/configs/mesh.yaml``):
             engine here has no pipeline), torch AdamW (the engine's optimizer) at
             ``--zero1-lr``
 
+``--model-flags`` changes the model or the batch of all three runs alike (e.g. fewer tokens
+per step, so the gradients weigh more against this CPU's compute, as they do against a
+GPU's).
+
 The target is the sync run's final validation loss; the mesh is judged on its
 consensus loss (the replicas' mean). The clock is the time spent in training steps
 (``train_time_s`` of the evaluation lines: evaluations and start-up excluded, the same
@@ -38,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -53,9 +58,11 @@ SYNC_FLAGS = ["--pipeline-schedule", "flush", "--dp-averaging", "none",
               "--delay-error-feedback", "0"]
 
 
-def run_spec(name: str, steps: int, factor: float, zero1_lr: float):
-    """(entry module, flags) of one run."""
-    common = ["--config", CONFIG, "--num-threads", "1", "--no-progress", "--eval-iters", "4"]
+def run_spec(name: str, steps: int, factor: float, zero1_lr: float, model_flags=()):
+    """(entry module, flags) of one run. ``model_flags``: training flags every run takes
+    (the model's shape and the batch: the same model and tokens in every run)."""
+    common = ["--config", CONFIG, "--num-threads", "1", "--no-progress", "--eval-iters", "4",
+              *model_flags]
     if name == "sync":
         flags = [*SYNC_FLAGS, "--train-iters", str(steps)]
         return "megatron_asyncmesh.train", [*common, *flags, *_evals(steps)]
@@ -148,11 +155,13 @@ def summarize(run_dir: str, name: str) -> dict:
             "train_seconds": points[-1][0], "tokens_per_s": s.get("tokens_per_s")}
 
 
-def report(out: str, results: dict, placement: str = "rank") -> str:
+def report(out: str, results: dict, placement: str = "rank", model_flags: str = "") -> str:
     where = ("4 emulated hosts, one per rank: every pipeline and data-parallel link shaped"
              if placement == "rank" else "2 emulated hosts, one per replica: the "
              "data-parallel traffic crosses the shaped links, the pipeline stays inside")
+    model = f"mesh.yaml with `{model_flags}`" if model_flags else "mesh.yaml"
     lines = [f"# Time to target loss across shaped links (PP 2 x DP 2; {where})", "",
+             f"Model and batch: {model}.", "",
              "Target: the sync run's final validation loss. The clock: seconds in training "
              "steps. The mesh is judged on its consensus (replica-mean) loss.", "",
              "| link | run | steps | final loss | seconds to target | speed-up vs sync | "
@@ -219,6 +228,10 @@ def main(argv=None) -> int:
                    default=["sync", "mesh", "zero1"])
     p.add_argument("--only", nargs="+", choices=["sync", "mesh", "zero1"])
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    p.add_argument("--model-flags", default="",
+                   help="training flags for every run, on top of mesh.yaml (one string), "
+                        "e.g. '--hidden-size 512 --micro-batch-size 1 --global-batch-size 8': "
+                        "a model whose gradients weigh more against its compute, as on GPUs")
     p.add_argument("--report", action="store_true", help="only rebuild the table and plot")
     a = p.parse_args(argv)
     from megatron_asyncmesh.metrics import (bench_run_is_current, finish_bench_run,
@@ -233,7 +246,8 @@ def main(argv=None) -> int:
     for rate in a.rates:
         results[rate] = results_rate = {}
         for name in a.runs:
-            entry, flags = run_spec(name, a.steps, a.mesh_steps_factor, a.zero1_lr)
+            entry, flags = run_spec(name, a.steps, a.mesh_steps_factor, a.zero1_lr,
+                                    shlex.split(a.model_flags))
             manifest = [entry, *flags, f"--link={rate}", f"--placement={a.placement}"]
             run_dir = os.path.join(a.out, "runs", f"{rate}-{a.placement}-{name}")
             if a.report or (a.only and name not in a.only):
@@ -246,7 +260,7 @@ def main(argv=None) -> int:
                     rc = run_one(net, run_dir, name, entry, flags, a.placement, a.timeout)
                 finish_bench_run(run_dir, manifest, rc, f"{rate} {name}", t0)
             results_rate[name] = summarize(run_dir, name)
-    print(report(a.out, results, a.placement))
+    print(report(a.out, results, a.placement, a.model_flags))
     return 0
 
 
