@@ -571,6 +571,16 @@ class SparseAverager:
         self.comm.all_gather_into_tensor(buffer, mine, group=self.replica_group)
         self.replica_bytes_sent += mine.numel() * mine.element_size() * (self.parts - 1)
 
+    def _split_mean(self, whole: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, part)``: the replicas' mean of ``whole`` (a flat tensor of the model),
+        the replica's R ranks splitting it as they split a sparse selection: each
+        all-reduces its ``part`` across the replicas, then they all-gather the parts
+        inside the replica. A blocking collective (the dense warm-up, the anchor)."""
+        buffer, part = self._parts(whole)
+        self.comm.all_reduce(part, group=self.group)
+        self._all_gather_parts(buffer, part)
+        return buffer[:whole.numel()].div_(self.world), part
+
     def reset_anchor(self) -> None:
         """The outer step's anchor taken from the weights (at construction, and again
         when a weights-only checkpoint replaced them before the first step), to be
@@ -590,17 +600,8 @@ class SparseAverager:
         sent = 0
         anchors = list(self.anchor.values())
         if self.parts > 1:
-            # The replica's ranks split the model, as a sparse selection: each sends one
-            # R-th across the replicas, then they all-gather the parts inside the replica.
-            whole = torch.cat(anchors)
-            buffer, part = self._parts(whole)
-            self.comm.all_reduce(part, group=self.group)
-            self._all_gather_parts(buffer, part)
-            buffer = buffer[:whole.numel()].div_(self.world)
-            offset = 0
-            for a in anchors:
-                a.copy_(buffer[offset:offset + a.numel()])
-                offset += a.numel()
+            mean, part = self._split_mean(torch.cat(anchors))
+            write_flat(anchors, mean)
             self.elements_sent += part.numel()
             sent = part.numel() * part.element_size()
         else:
@@ -624,12 +625,9 @@ class SparseAverager:
         tau = 0, avg; a blocking all-reduce per tensor, in place)."""
         sent = elements = 0
         if self.world > 1 and self.parts > 1:
-            # The replica's ranks split the model as they split a sparse selection.
-            whole = torch.cat([p.detach().float().reshape(-1) for p in self.params])
-            buffer, part = self._parts(whole)
-            self.comm.all_reduce(part, group=self.group)
-            self._all_gather_parts(buffer, part)
-            write_flat(self.params, buffer[:whole.numel()].div_(self.world))
+            mean, part = self._split_mean(
+                torch.cat([p.detach().float().reshape(-1) for p in self.params]))
+            write_flat(self.params, mean)
             sent, elements = part.numel() * part.element_size(), part.numel()
         elif self.world > 1:
             with torch.no_grad():
