@@ -48,14 +48,16 @@ def loss_of(model, t: int):
 
 
 def reference_optimizers(optimizer: str, cfg, groups):
-    """groups: list of (params, weight_decay, kind) with kind 'matrix' or 'other'."""
+    """groups: list of (params, weight_decay, kind, lr) with kind 'matrix' or 'other'."""
     from emerging_optimizers.orthogonalized_optimizers import Muon
     from emerging_optimizers.soap import SOAP
 
-    other = [{"params": p, "weight_decay": wd} for p, wd, kind in groups if kind == "other"]
-    matrix = [{"params": p, "weight_decay": wd} for p, wd, kind in groups if kind == "matrix"]
+    other = [{"params": p, "weight_decay": wd, "lr": lr}
+             for p, wd, kind, lr in groups if kind == "other"]
+    matrix = [{"params": p, "weight_decay": wd, "lr": lr}
+              for p, wd, kind, lr in groups if kind == "matrix"]
     if optimizer == "nadamw":
-        every = [{"params": p, "weight_decay": wd} for p, wd, _ in groups]
+        every = [{"params": p, "weight_decay": wd, "lr": lr} for p, wd, _, lr in groups]
         return [torch.optim.NAdam(every, lr=cfg.lr, betas=(cfg.nadamw_beta1, cfg.nadamw_beta2),
                                   eps=cfg.adam_eps, momentum_decay=cfg.nadamw_momentum_decay,
                                   decoupled_weight_decay=True)]
@@ -77,6 +79,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--optimizer", required=True)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--decoupled-lr", type=float,
+                   help="train the embedding and output layer at this lr (Megatron's "
+                        "--decoupled-lr), through the run's OptimizerParamScheduler")
     p.add_argument("--out", required=True)
     p.add_argument("--ef-resume", metavar="DIR",
                    help="instead: error feedback, 4 steps straight vs 2 + save to DIR + load + 2")
@@ -90,6 +95,7 @@ def main(argv=None) -> int:
     from megatron_asyncmesh.model import build_gpt_stage, init_layout_independent
 
     cfg = cfg_for(a.optimizer)
+    cfg.decoupled_lr = a.decoupled_lr
     cfg.validate()
     mdist.init_distributed()
     torch.set_num_threads(1)
@@ -102,6 +108,16 @@ def main(argv=None) -> int:
     init_layout_independent(ref, cfg)
     ddp = wrap_ddp(cfg, model)
     optimizer, info = optim.build_optimizer(cfg, ddp, 0, 1, 1)
+    if a.decoupled_lr is not None:     # the run's scheduler sets each group's lr
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        OptimizerParamScheduler(
+            optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=0,
+            lr_decay_steps=10, lr_decay_style="constant", start_wd=cfg.weight_decay,
+            end_wd=cfg.weight_decay, wd_incr_steps=10, wd_incr_style="constant")
+
+    def lr_of(name: str) -> float:     # what the reference trains each tensor at
+        edge = "embedding" in name or "output_layer" in name
+        return a.decoupled_lr if edge and a.decoupled_lr is not None else cfg.lr
 
     name_of = {id(p): n for n, p in model.named_parameters()}
     ref_params = dict(ref.named_parameters())
@@ -113,9 +129,10 @@ def main(argv=None) -> int:
                       if (kind == "matrix") == (ref_params[n].dim() == 2
                                                 and "embedding" not in n
                                                 and "output_layer" not in n)]
-            if chosen:
-                groups.append(([ref_params[n] for n in chosen], g["weight_decay"], kind))
-                kinds.update({n: kind for n in chosen})
+            for lr in sorted({lr_of(n) for n in chosen}):
+                at_lr = [n for n in chosen if lr_of(n) == lr]
+                groups.append(([ref_params[n] for n in at_lr], g["weight_decay"], kind, lr))
+                kinds.update({n: kind for n in at_lr})
     assert sorted(kinds) == sorted(ref_params), "every parameter is in one Megatron group"
     refs = reference_optimizers(a.optimizer, cfg, groups)
 

@@ -520,6 +520,20 @@ def _deepspeed_run(tmp_path, name, data_args, *extra, launcher="torchrun"):
     return _losses(run_dir)
 
 
+def test_decoupled_lr_is_one_schedule_in_both_engines(tmp_path, data_args, megatron_sync):
+    """--decoupled-lr / --decoupled-min-lr (the input embedding's and output layer's own
+    schedule, decaying from step 1): Megatron's param-group override under its
+    OptimizerParamScheduler and the DeepSpeed engine's groups under LambdaLR train the
+    same run step by step, and that run is not the one without the flags."""
+    flags = ["--decoupled-lr", "0.2", "--decoupled-min-lr", "0.02", "--lr-warmup-iters", "1"]
+    megatron_dir = str(tmp_path / "megatron")
+    train(megatron_dir, nproc=2, args=[*SGD, *flags, *data_args])
+    megatron = _losses(megatron_dir)
+    deepspeed = _deepspeed_run(tmp_path, "zero0", data_args, *flags, "--zero-stage", "0")
+    _close(megatron, deepspeed)
+    assert max(abs(x - y) for x, y in zip(megatron[0], megatron_sync[0])) > 1e-3
+
+
 def test_zero3_baseline_is_megatron_data_parallel(tmp_path, data_args, megatron_sync):
     """The ZeRO baseline trains the same GPT on the same samples: DeepSpeed ZeRO-3
     (deepspeed.initialize, its own partitioning) matches Megatron's DDP step by step;

@@ -46,6 +46,16 @@ def test_megatron_optimizer_matches_reference(tmp_path, optimizer, inner):
         assert res["matmul_prec"] == ["-", "highest"], res["matmul_prec"]
 
 
+def test_decoupled_lr_trains_embedding_and_output_at_their_own_rate(tmp_path):
+    """--decoupled-lr (Megatron's param-group override, through the run's scheduler):
+    Muon + AdamW against references that train the input embedding and the output
+    layer's AdamW at 3e-4 and every other tensor at --lr 3e-3. A run that ignored the
+    flag (everything at 3e-3) would differ by ~1e-3 after five steps."""
+    res = _worker(tmp_path, "muon", "--decoupled-lr", "3e-4")
+    assert max(res["diffs"]) <= 1e-6, res["diffs"]
+    assert res["moved"] > 1e-3
+
+
 def test_error_feedback_state_survives_a_checkpoint(tmp_path):
     """The previous-update buffer goes through Megatron's sharded_state_dict and
     dist_checkpointing: 2 steps + save + load into fresh objects + 2 steps equals 4

@@ -112,6 +112,7 @@ def build_optimizer(cfg, model, stage: int, P: int, M: int, pg_collection=None):
         _register(cfg, info, P)
     opt_cfg = OptimizerConfig(
         optimizer=name, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        decoupled_lr=cfg.decoupled_lr, decoupled_min_lr=cfg.resolved_decoupled_min_lr(),
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
         sgd_momentum=cfg.sgd_momentum, clip_grad=cfg.clip_grad, bf16=cfg.bf16,
         params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,

@@ -88,6 +88,12 @@ class OptimConfig:
         "(0 = off)", "optim")
     lr: float = option(1e-3, "peak learning rate", "optim")
     min_lr: float = option(1e-4, "final learning rate of the decay", "optim")
+    decoupled_lr: Optional[float] = option(
+        None, "peak learning rate of the input embedding and the output layer (Megatron's "
+        "--decoupled-lr: a param-group override; default --lr)", "optim")
+    decoupled_min_lr: Optional[float] = option(
+        None, "final learning rate of the embedding and output layer (Megatron's "
+        "--decoupled-min-lr; default --min-lr scaled like --decoupled-lr)", "optim")
     lr_warmup_iters: int = option(20, "linear warm-up iterations", "optim")
     lr_decay_iters: Optional[int] = option(None, "decay length (default train_iters)", "optim")
     lr_decay_style: str = option("cosine", "decay shape", "optim",
@@ -131,8 +137,28 @@ class OptimConfig:
             raise ConfigError(
                 f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr}, "
                 f"min_lr={self.min_lr}.")
+        if self.decoupled_lr is not None and (
+                self.decoupled_lr <= 0 or self.resolved_decoupled_min_lr() > self.decoupled_lr
+                or self.resolved_decoupled_min_lr() < 0):
+            raise ConfigError(
+                f"need 0 <= --decoupled-min-lr <= --decoupled-lr and --decoupled-lr > 0, got "
+                f"decoupled_lr={self.decoupled_lr}, decoupled_min_lr={self.decoupled_min_lr}; "
+                f"leave both out to train the embedding and output layer at --lr.")
+        if self.decoupled_min_lr is not None and self.decoupled_lr is None:
+            raise ConfigError(
+                f"--decoupled-min-lr {self.decoupled_min_lr} needs --decoupled-lr (the peak "
+                f"of the embedding and output layer's schedule).")
         if self.lr_warmup_iters < 0:
             raise ConfigError(f"--lr-warmup-iters must be >= 0, got {self.lr_warmup_iters}.")
+
+    def resolved_decoupled_min_lr(self) -> Optional[float]:
+        """The embedding / output layer's final lr: given, or --min-lr in the same ratio to
+        --lr as --decoupled-lr (so the two schedules keep one shape)."""
+        if self.decoupled_lr is None:
+            return None
+        if self.decoupled_min_lr is not None:
+            return self.decoupled_min_lr
+        return self.min_lr * self.decoupled_lr / self.lr
 
     def check_warmup(self, train_iters: int) -> None:
         decay = self.lr_decay_iters or train_iters

@@ -45,30 +45,52 @@ LOGGED_OPS = ["all_reduce", "all_reduce_coalesced", "reduce_scatter", "reduce_sc
               "all_to_all_single"]
 
 
-def megatron_lr(cfg, step: int) -> float:
+def megatron_lr(cfg, step: int, max_lr: float = None, min_lr: float = None) -> float:
     """Megatron's OptimizerParamScheduler (linear warm-up from 0, then cosine/linear
-    decay to min_lr) as a function of completed optimizer steps."""
+    decay to min_lr) as a function of completed optimizer steps; ``max_lr`` / ``min_lr``:
+    a parameter group's own (Megatron's per-group override), default --lr / --min-lr."""
+    peak = cfg.lr if max_lr is None else max_lr
+    floor = cfg.min_lr if min_lr is None else min_lr
     warmup, decay = cfg.lr_warmup_iters, cfg.lr_decay_iters or cfg.train_iters
     if warmup > 0 and step <= warmup:
-        return cfg.lr * step / warmup
+        return peak * step / warmup
     if cfg.lr_decay_style == "constant":
-        return cfg.lr
+        return peak
     if step > decay:
-        return cfg.min_lr
+        return floor
     ratio = (step - warmup) / max(1, decay - warmup)
     coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0) if cfg.lr_decay_style == "cosine" \
         else 1.0 - ratio
-    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+    return floor + coeff * (peak - floor)
 
 
-def param_groups(model, weight_decay: float):
-    """Megatron's default: no weight decay on biases and 1-d parameters."""
-    decay, no_decay = [], []
+def param_groups(model, cfg):
+    """Megatron's default groups: no weight decay on biases and 1-d parameters; with
+    --decoupled-lr the input embedding and output layer (Megatron's
+    ``is_embedding_or_output_parameter``) in groups of their own, whose ``max_lr`` /
+    ``min_lr`` the schedule follows (:func:`schedule_lambdas`)."""
+    groups = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        if not p.requires_grad:
+            continue
+        decay = not (name.endswith(".bias") or p.dim() == 1)
+        edge = cfg.decoupled_lr is not None and getattr(p, "is_embedding_or_output_parameter",
+                                                        False)
+        groups.setdefault((decay, edge), []).append(p)
+    out = []
+    for (decay, edge), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        peak, floor = ((cfg.decoupled_lr, cfg.resolved_decoupled_min_lr()) if edge
+                       else (cfg.lr, cfg.min_lr))
+        out.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+                    "lr": peak, "max_lr": peak, "min_lr": floor})
+    return out
+
+
+def schedule_lambdas(cfg, groups):
+    """One LambdaLR factor per group: Megatron's schedule between its max_lr and min_lr,
+    relative to the group's initial lr (its max_lr)."""
+    return [lambda step, peak=g["max_lr"], floor=g["min_lr"]:
+            megatron_lr(cfg, step, peak, floor) / peak for g in groups]
 
 
 def ds_config(cfg, zero_stage: int, num_microbatches: int) -> dict:
@@ -197,15 +219,14 @@ class DeepSpeedEngineRun:
         # A checkpoint that cannot resume here is refused before the engine is built.
         self.start_iter = (check_zero_resume(cfg, zero_stage, model.vocab_size, dp)
                            if cfg.load else 0)
+        groups = param_groups(model, cfg)
         if cfg.optimizer == "adam":
-            optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr,
                                           betas=(cfg.adam_beta1, cfg.adam_beta2),
                                           eps=cfg.adam_eps)
         else:   # Megatron's SGD: L2 weight decay, momentum
-            optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                        momentum=cfg.sgd_momentum)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: megatron_lr(cfg, step) / cfg.lr)
+            optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.sgd_momentum)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_lambdas(cfg, groups))
         mpu = layout = None
         if acfg is not None:         # ZeRO-1 (or nothing) inside the replica, averaging across
             layout = replica_layout(cfg.dp_ranks_per_replica)
