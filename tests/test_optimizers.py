@@ -222,6 +222,9 @@ def test_data_parallel_equals_single_rank(tmp_path, data_args, optimizer, extra,
      "--use-layer-wise-distributed-optimizer"),
     (["--delay-error-feedback", "1.5"], "--delay-error-feedback must be in [0, 1]"),
     (["--optimizer", "lamb"], "invalid choice: 'lamb'"),
+    (["--decoupled-min-lr", "1e-3"], "--decoupled-min-lr 0.001 needs --decoupled-lr"),
+    (["--decoupled-lr", "1e-3", "--decoupled-min-lr", "1e-2"],
+     "need 0 <= --decoupled-min-lr <= --decoupled-lr"),
 ])
 def test_bad_optimizer_choices(capsys, args, message):
     """Refused while parsing, before any process group exists (the entry point's exit

@@ -20,7 +20,7 @@ data and tokens per step in every run (``launch/configs/mesh.yaml``):
             can reach the target if it learns slower
     zero1   DeepSpeed ZeRO-1 data parallelism over the 4 ranks (DP = 4: DeepSpeed's
             engine here has no pipeline), torch AdamW (the engine's optimizer) at
-            ``--zero1-lr``
+            ``--zero1-lr`` on every tensor
 
 ``--model-flags`` changes the model or the batch of all three runs alike (e.g. fewer tokens
 per step, so the gradients weigh more against this CPU's compute, as they do against a
@@ -73,6 +73,9 @@ def run_spec(name: str, steps: int, factor: float, zero1_lr: float, model_flags=
         flags = ["--pipeline-model-parallel-size", "1", "--pipeline-schedule", "flush",
                  "--dp-averaging", "none", "--delay-error-feedback", "0", "--optimizer", "adam",
                  "--zero-stage", "1", "--lr", f"{zero1_lr:g}", "--min-lr", f"{zero1_lr / 10:g}",
+                 # AdamW trains every tensor at --zero1-lr (not at mesh.yaml's Muon-side
+                 # embedding / output lr)
+                 "--decoupled-lr", f"{zero1_lr:g}", "--decoupled-min-lr", f"{zero1_lr / 10:g}",
                  "--train-iters", str(steps)]
         return "megatron_asyncmesh.train_deepspeed", [*common, *flags, *_evals(steps)]
     raise ValueError(name)
