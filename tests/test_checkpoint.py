@@ -188,10 +188,12 @@ def test_checkpoint_metadata_keep_last_and_bad_checkpoints(tmp_path, data_args):
     assert "padded_vocab_size saved" in refusal(vocab=vocab + 128)
     assert "saved with --pipeline-model-parallel-size 2" in refusal(
         "--pipeline-model-parallel-size", "1")
-    # Resuming in another mode: the pipeline's weight versions, the replicas' own state.
+    # Resuming in another mode: the pipeline's weight versions, the replicas' own state,
+    # the optimizer's learning-rate groups (Megatron's loader would stop on a missing key).
     for flags, message in ((["--pipeline-schedule", "2bw"], "saved by a --pipeline-schedule "
                                                              "flush run"),
-                           (["--dp-averaging", "sparse"], "saved by a --dp-averaging none run")):
+                           (["--dp-averaging", "sparse"], "saved by a --dp-averaging none run"),
+                           (["--decoupled-lr", "2e-3"], "Resume without --decoupled-lr")):
         res = train(str(tmp_path / "other"), 2, [*common, "--train-iters", "8", "--load", ckpt,
                                                  *flags], check=False)
         assert res.returncode != 0 and message in res.output, res.tail()

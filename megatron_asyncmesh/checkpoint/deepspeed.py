@@ -11,7 +11,8 @@ import shutil
 
 import torch.distributed as dist
 
-from megatron_asyncmesh.checkpoint.integrity import check_same_model, model_shape
+from megatron_asyncmesh.checkpoint.integrity import check_param_groups, check_same_model, \
+    model_shape
 from megatron_asyncmesh.config import config_from_dict
 from megatron_asyncmesh.options import ConfigError
 
@@ -70,6 +71,7 @@ def check_zero_resume(cfg, zero_stage: int, padded_vocab: int, dp: int) -> int:
     check_same_model(f"--load {cfg.load!r}", model_shape(config_from_dict(saved["config"]),
                                                          saved["padded_vocab_size"]),
                      cfg, padded_vocab)
+    check_param_groups(f"--load {cfg.load!r}", cfg, saved["config"], saved["iteration"])
     if saved["zero_stage"] != zero_stage or saved.get("data_parallel_size", dp) != dp:
         raise ConfigError(
             f"--load {cfg.load!r} was saved with --zero-stage {saved['zero_stage']} on "

@@ -262,6 +262,38 @@ def weights_only_bytes() -> None:
     patching.replace(DefaultLoadPlanner, "load_bytes", load_bytes, patch=WEIGHTS_ONLY_PATCH)
 
 
+def check_param_groups(what: str, cfg, saved: dict, iteration: int) -> None:
+    """The resume of ``what`` (saved with the run configuration ``saved``) keeps the
+    optimizer's learning-rate groups: Megatron finds each state by its group's key (max
+    / min lr among them) and would stop deep in its loader, torch's LambdaLR would bring
+    back the saved lrs; refuse another --decoupled-lr / --decoupled-min-lr here, with
+    the values that resume."""
+    ours = (cfg.decoupled_lr, cfg.resolved_decoupled_min_lr())
+    theirs = (saved.get("decoupled_lr"), saved.get("decoupled_min_lr"))
+    if theirs[0] is not None and theirs[1] is None:     # the same default as ours
+        theirs = (theirs[0], saved.get("min_lr", cfg.min_lr) * theirs[0]
+                  / saved.get("lr", cfg.lr))
+    if ours[0] == theirs[0] and (ours[0] is None or ours[1] == theirs[1]):
+        return
+    if theirs[0] is None:
+        how = ("without --decoupled-lr (a YAML config that sets decoupled_lr, e.g. "
+               "launch/configs/mesh.yaml since it does, needs that line removed)")
+    elif saved.get("decoupled_min_lr") is None:     # the default ratio, exactly as saved
+        how = (f"with --decoupled-lr {theirs[0]!r} and the saved --lr / --min-lr, without "
+               f"--decoupled-min-lr")
+    else:
+        how = f"with --decoupled-lr {theirs[0]!r} --decoupled-min-lr {theirs[1]!r}"
+    raise ConfigError(
+        f"{what}: iteration {iteration} was saved with the input embedding "
+        f"and output layer at decoupled lr {_lr(theirs[0])} (min {_lr(theirs[1])}) and this "
+        f"run sets {_lr(ours[0])} (min {_lr(ours[1])}): the optimizer state is stored per "
+        f"learning-rate group, so the groups must match. Resume {how}.")
+
+
+def _lr(value) -> str:
+    return "none" if value is None else f"{value:g}"
+
+
 def verify(directory: str, cfg=None,
            vocab_size: Optional[int] = None, dp: Optional[int] = None,
            reshard: bool = False) -> dict:

@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Tuple
 import torch.distributed as dist
 
 from megatron_asyncmesh.checkpoint.integrity import (
-    LATEST, META, checksum_files, data_parallel_size, iter_dir, latest_iteration_dir,
-    verify, write_meta)
+    LATEST, META, check_param_groups, checksum_files, data_parallel_size, iter_dir,
+    latest_iteration_dir, verify, write_meta)
 from megatron_asyncmesh.model import unwrap_model
 from megatron_asyncmesh.options import ConfigError
 
@@ -248,6 +248,7 @@ def load(cfg, model, optimizer, scheduler,
             + ("sparse runs save one state per replica." if saved_dp == "sparse" else
                "synchronous runs save one state for all replicas, without pending averages.")
             + f" Resume with --dp-averaging {saved_dp}.")
+    check_param_groups(f"--load {cfg.load!r}", cfg, meta.get("config") or {}, iteration)
     if cfg.pipeline_schedule != "flush":
         saved = common.get("pipeline_schedule", "flush")
         if saved != cfg.pipeline_schedule and iteration > 0:
