@@ -15,6 +15,7 @@ import os
 from typing import Optional
 
 from megatron_asyncmesh import patching
+from megatron_asyncmesh.config import config_from_dict
 from megatron_asyncmesh.model import resolve_transformer_impl
 from megatron_asyncmesh.options import ConfigError
 
@@ -268,17 +269,15 @@ def check_param_groups(what: str, cfg, saved: dict, iteration: int) -> None:
     / min lr among them) and would stop deep in its loader, torch's LambdaLR would bring
     back the saved lrs; refuse another --decoupled-lr / --decoupled-min-lr here, with
     the values that resume."""
+    saved_cfg = config_from_dict(saved)
     ours = (cfg.decoupled_lr, cfg.resolved_decoupled_min_lr())
-    theirs = (saved.get("decoupled_lr"), saved.get("decoupled_min_lr"))
-    if theirs[0] is not None and theirs[1] is None:     # the same default as ours
-        theirs = (theirs[0], saved.get("min_lr", cfg.min_lr) * theirs[0]
-                  / saved.get("lr", cfg.lr))
-    if ours[0] == theirs[0] and (ours[0] is None or ours[1] == theirs[1]):
+    theirs = (saved_cfg.decoupled_lr, saved_cfg.resolved_decoupled_min_lr())
+    if ours == theirs:
         return
     if theirs[0] is None:
         how = ("without --decoupled-lr (a YAML config that sets decoupled_lr, e.g. "
                "launch/configs/mesh.yaml since it does, needs that line removed)")
-    elif saved.get("decoupled_min_lr") is None:     # the default ratio, exactly as saved
+    elif saved_cfg.decoupled_min_lr is None:     # the default ratio, exactly as saved
         how = (f"with --decoupled-lr {theirs[0]!r} and the saved --lr / --min-lr, without "
                f"--decoupled-min-lr")
     else:

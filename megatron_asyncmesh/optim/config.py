@@ -137,9 +137,9 @@ class OptimConfig:
             raise ConfigError(
                 f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr}, "
                 f"min_lr={self.min_lr}.")
+        edge_min = self.resolved_decoupled_min_lr()
         if self.decoupled_lr is not None and (
-                self.decoupled_lr <= 0 or self.resolved_decoupled_min_lr() > self.decoupled_lr
-                or self.resolved_decoupled_min_lr() < 0):
+                self.decoupled_lr <= 0 or not 0 <= edge_min <= self.decoupled_lr):
             raise ConfigError(
                 f"need 0 <= --decoupled-min-lr <= --decoupled-lr and --decoupled-lr > 0, got "
                 f"decoupled_lr={self.decoupled_lr}, decoupled_min_lr={self.decoupled_min_lr}; "

@@ -45,12 +45,10 @@ LOGGED_OPS = ["all_reduce", "all_reduce_coalesced", "reduce_scatter", "reduce_sc
               "all_to_all_single"]
 
 
-def megatron_lr(cfg, step: int, max_lr: float = None, min_lr: float = None) -> float:
-    """Megatron's OptimizerParamScheduler (linear warm-up from 0, then cosine/linear
-    decay to min_lr) as a function of completed optimizer steps; ``max_lr`` / ``min_lr``:
-    a parameter group's own (Megatron's per-group override), default --lr / --min-lr."""
-    peak = cfg.lr if max_lr is None else max_lr
-    floor = cfg.min_lr if min_lr is None else min_lr
+def megatron_lr(cfg, step: int, peak: float, floor: float) -> float:
+    """Megatron's OptimizerParamScheduler (linear warm-up from 0 to ``peak``, then
+    cosine/linear decay to ``floor``: a parameter group's max_lr / min_lr) as a function
+    of completed optimizer steps."""
     warmup, decay = cfg.lr_warmup_iters, cfg.lr_decay_iters or cfg.train_iters
     if warmup > 0 and step <= warmup:
         return peak * step / warmup
