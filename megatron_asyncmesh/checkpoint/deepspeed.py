@@ -68,10 +68,10 @@ def check_zero_resume(cfg, zero_stage: int, padded_vocab: int, dp: int) -> int:
             f"--load {cfg.load!r}: DeepSpeed's latest tag {tag!r} and {DS_CONFIG}'s iteration "
             f"{saved['iteration']} disagree, or the tag directory is missing (a save was "
             f"interrupted or files were removed).")
-    check_same_model(f"--load {cfg.load!r}", model_shape(config_from_dict(saved["config"]),
-                                                         saved["padded_vocab_size"]),
+    saved_cfg = config_from_dict(saved["config"])
+    check_same_model(f"--load {cfg.load!r}", model_shape(saved_cfg, saved["padded_vocab_size"]),
                      cfg, padded_vocab)
-    check_param_groups(f"--load {cfg.load!r}", cfg, saved["config"], saved["iteration"])
+    check_param_groups(f"--load {cfg.load!r}", cfg, saved_cfg, saved["iteration"])
     if saved["zero_stage"] != zero_stage or saved.get("data_parallel_size", dp) != dp:
         raise ConfigError(
             f"--load {cfg.load!r} was saved with --zero-stage {saved['zero_stage']} on "

@@ -15,7 +15,6 @@ import os
 from typing import Optional
 
 from megatron_asyncmesh import patching
-from megatron_asyncmesh.config import config_from_dict
 from megatron_asyncmesh.model import resolve_transformer_impl
 from megatron_asyncmesh.options import ConfigError
 
@@ -263,13 +262,12 @@ def weights_only_bytes() -> None:
     patching.replace(DefaultLoadPlanner, "load_bytes", load_bytes, patch=WEIGHTS_ONLY_PATCH)
 
 
-def check_param_groups(what: str, cfg, saved: dict, iteration: int) -> None:
-    """The resume of ``what`` (saved with the run configuration ``saved``) keeps the
-    optimizer's learning-rate groups: Megatron finds each state by its group's key (max
-    / min lr among them) and would stop deep in its loader, torch's LambdaLR would bring
-    back the saved lrs; refuse another --decoupled-lr / --decoupled-min-lr here, with
-    the values that resume."""
-    saved_cfg = config_from_dict(saved)
+def check_param_groups(what: str, cfg, saved_cfg, iteration: int) -> None:
+    """The resume of ``what`` (saved by a run configured as ``saved_cfg``, its config
+    read back with ``config_from_dict``) keeps the optimizer's learning-rate groups:
+    Megatron finds each state by its group's key (max / min lr among them) and would
+    stop deep in its loader, torch's LambdaLR would bring back the saved lrs; refuse
+    another --decoupled-lr / --decoupled-min-lr here, with the values that resume."""
     ours = (cfg.decoupled_lr, cfg.resolved_decoupled_min_lr())
     theirs = (saved_cfg.decoupled_lr, saved_cfg.resolved_decoupled_min_lr())
     if ours == theirs:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megatron_asyncmesh.checkpoint.integrity import (
     LATEST, META, check_param_groups, checksum_files, data_parallel_size, iter_dir,
     latest_iteration_dir, verify, write_meta)
+from megatron_asyncmesh.config import config_from_dict
 from megatron_asyncmesh.model import unwrap_model
 from megatron_asyncmesh.options import ConfigError
 
@@ -248,7 +249,8 @@ def load(cfg, model, optimizer, scheduler,
             + ("sparse runs save one state per replica." if saved_dp == "sparse" else
                "synchronous runs save one state for all replicas, without pending averages.")
             + f" Resume with --dp-averaging {saved_dp}.")
-    check_param_groups(f"--load {cfg.load!r}", cfg, meta.get("config") or {}, iteration)
+    check_param_groups(f"--load {cfg.load!r}", cfg, config_from_dict(meta.get("config") or {}),
+                       iteration)
     if cfg.pipeline_schedule != "flush":
         saved = common.get("pipeline_schedule", "flush")
         if saved != cfg.pipeline_schedule and iteration > 0:
