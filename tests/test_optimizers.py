@@ -78,6 +78,20 @@ def test_stage_delay_from_schedule():
     assert stage_delay("2bw", 1, 0, 1) == 0
 
 
+def test_start_up_names_each_stage_staleness_and_asks_for_more_microbatches():
+    from megatron_asyncmesh.optim.builder import describe_staleness
+
+    line = describe_staleness("stash", 4, 4)
+    assert "M = 4" in line and "0.75, 0.5, 0.25, 0" in line
+    assert "M >= 2P (8 here" in line                 # stage 0 over half a step stale
+    assert "0.375, 0.25, 0.125, 0" in describe_staleness("stash", 4, 8)
+    assert "M >= 2P" not in describe_staleness("stash", 4, 8)
+    assert "M >= 2P" not in describe_staleness("stash", 2, 2)    # 1/2: the limit
+    # 2bw is a full step late at every stage whatever M: no hint about M
+    assert "1, 1" in describe_staleness("2bw", 2, 4)
+    assert "M >= 2P" not in describe_staleness("2bw", 4, 4)
+
+
 def test_soap_frequency_one_is_the_library_soap():
     from emerging_optimizers.soap import SOAP
 

@@ -71,6 +71,21 @@ def stage_delay(mode: str, P: int, stage: int, M: int) -> float:
     return sum(gradient_delay(mode, P, stage, M, t * M + i) for i in range(M)) / M
 
 
+def describe_staleness(mode: str, P: int, M: int) -> str:
+    """The start-up line naming every stage's mean gradient staleness (rank 0 prints it),
+    with a hint when weight stashing leaves stage 0 more than half a step stale: there
+    the gap to synchronous training grows (measured at P = 4, M = 4 against M = 8: the
+    README's "More micro-batches"), and more micro-batches per step shrink it."""
+    delays = [stage_delay(mode, P, k, M) for k in range(P)]
+    line = (f"pipeline: {mode}, M = {M} micro-batches per step and replica; mean gradient "
+            f"staleness per stage, in steps: {', '.join(f'{d:.3g}' for d in delays)}")
+    if mode == "stash" and delays[0] > 0.5:
+        line += (f"\n  stage 0 is {delays[0]:.3g} of a step stale: M >= 2P ({2 * P} here; a "
+                 f"smaller --micro-batch-size or a larger --global-batch-size) keeps it "
+                 f"under half a step")
+    return line
+
+
 @dataclass
 class StageOptimizerInfo:
     """What the optimizer of this stage was built with (logged in summary.json)."""

@@ -22,6 +22,7 @@ from megatron_asyncmesh.checkpoint import state as ckpt
 from megatron_asyncmesh.dataparallel.consensus import average_replicas, consensus
 from megatron_asyncmesh.dataparallel.megatron import averaging_group
 from megatron_asyncmesh.dataparallel.replicas import replica_layout
+from megatron_asyncmesh.optim.builder import describe_staleness
 from megatron_asyncmesh.optim.main_params import copy_main_to_model, main_params
 from megatron_asyncmesh.pipeline import install
 from megatron_asyncmesh.pipeline.simulate import plot_timeline
@@ -192,6 +193,10 @@ class MegatronEngine:
             print(self.layout.describe(), flush=True)
         stage = parallel_state.get_pipeline_model_parallel_rank()
         self.asynchronous = cfg.pipeline_schedule != "flush"
+        P = parallel_state.get_pipeline_model_parallel_world_size()
+        if self.asynchronous and P > 1 and dist.get_rank() == 0:
+            print(describe_staleness(cfg.pipeline_schedule, P, num_microbatches),
+                  flush=True)
         self.start_iter, resumed_versions = 0, {}
         self.load_s = None
         if cfg.load:
