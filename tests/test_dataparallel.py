@@ -261,6 +261,10 @@ def simulate(case: dict, steps: int, world: int = 2, ranks_per_replica: int = 1)
     anchor = [p.detach().clone().view(-1) for p in params[0]]
     outer_m = [torch.zeros(p.numel()) for p in params[0]]
     queue = []
+
+    def apply_due(t):
+        _replay_apply(cfg, t, queue, params, world, ema, seen, anchor, outer_m)
+
     for t in range(steps):
         for r in range(world):
             if ranks_per_replica > 1:
@@ -276,39 +280,56 @@ def simulate(case: dict, steps: int, world: int = 2, ranks_per_replica: int = 1)
                 anchor[j] = mean.clone().view(-1)
             continue
         idx = selected_coordinates(selector, t - cfg.dense_iters)   # sparse steps
-        queue.append((t, idx, [[p.detach().view(-1)[i].clone() for p, i in zip(params[r], idx)]
-                               for r in range(world)]))
-        while queue and queue[0][0] + cfg.delay <= t:
-            _, idx0, snaps = queue.pop(0)
-            m = cfg.momentum(t)
-            for j, i in enumerate(idx0):
-                total = snaps[0][j].clone()
-                for r in range(1, world):
-                    total = total + snaps[r][j]
-                average = total / world
-                if cfg.outer:                   # G = Z - A; M <- mu M + G; Z <- Z - eta(G + mu M)
-                    z = anchor[j][i]
-                    g = z - average
-                    if cfg.outer_momentum:
-                        outer_m[j][i] = cfg.outer_momentum * outer_m[j][i] + g
-                        g = torch.add(g, outer_m[j][i], alpha=cfg.outer_momentum)
-                    average = torch.sub(z, g, alpha=cfg.outer_lr)
-                    anchor[j][i] = average
-                for r in range(world):
-                    flat = params[r][j].data.view(-1)
-                    drift = flat[i] - snaps[r][j]
-                    if cfg.correction == "avg":
-                        new = average
-                    elif cfg.correction == "drift":
-                        new = average + cfg.lam * drift
-                    else:
-                        old = ema[r][j][i]
-                        e = torch.where(seen[r][j][i], m * old + (1 - m) * drift, drift)
-                        ema[r][j][i] = e
-                        seen[r][j][i] = True
-                        new = average + cfg.lam * e
-                    flat[i] = new
+        if cfg.delay:          # what is due lands before this step's snapshot
+            apply_due(t)
+        snaps = [[p.detach().view(-1)[i].clone() for p, i in zip(params[r], idx)]
+                 for r in range(world)]
+        queue.append((t, idx, snaps, [[v.clone() for v in snap] for snap in snaps]))
+        if not cfg.delay:
+            apply_due(t)
     return [[p.detach() for p in ps] for ps in params]
+
+
+def _replay_apply(cfg, t, queue, params, world, ema, seen, anchor, outer_m):
+    """Land every average due at step ``t``: A (the mean of what was sent, + the outer
+    step) + the correction; each coordinate's jump is added to the snapshots (not to
+    what was sent) still queued that hold it, so their drift is the replica's own."""
+    while queue and queue[0][0] + cfg.delay <= t:
+        _, idx0, sent, snaps = queue.pop(0)
+        m = cfg.momentum(t)
+        for j, i in enumerate(idx0):
+            total = sent[0][j].clone()
+            for r in range(1, world):
+                total = total + sent[r][j]
+            average = total / world
+            if cfg.outer:                   # G = Z - A; M <- mu M + G; Z <- Z - eta(G + mu M)
+                z = anchor[j][i]
+                g = z - average
+                if cfg.outer_momentum:
+                    outer_m[j][i] = cfg.outer_momentum * outer_m[j][i] + g
+                    g = torch.add(g, outer_m[j][i], alpha=cfg.outer_momentum)
+                average = torch.sub(z, g, alpha=cfg.outer_lr)
+                anchor[j][i] = average
+            for r in range(world):
+                flat = params[r][j].data.view(-1)
+                drift = flat[i] - snaps[r][j]
+                if cfg.correction == "avg":
+                    new = average
+                elif cfg.correction == "drift":
+                    new = average + cfg.lam * drift
+                else:
+                    old = ema[r][j][i]
+                    e = torch.where(seen[r][j][i], m * old + (1 - m) * drift, drift)
+                    ema[r][j][i] = e
+                    seen[r][j][i] = True
+                    new = average + cfg.lam * e
+                jump = torch.zeros(flat.numel())
+                held = torch.zeros(flat.numel(), dtype=torch.bool)
+                jump[i], held[i] = new - flat[i], True
+                for _, idx1, _, snaps1 in queue:
+                    i1 = idx1[j]
+                    snaps1[r][j] = snaps1[r][j] + torch.where(held[i1], jump[i1], 0.0)
+                flat[i] = new
 
 
 P = {"selector": "partition"}
@@ -331,6 +352,11 @@ CASES = [
     {"fraction": 0.3, "delay": 3, "correction": "ema", "selector": "block", "block_size": 4,
      "dense_iters": 2, "outer_lr": 0.8, "outer_momentum": 0.5, "ema_start": 4},
     {"fraction": 0.25, "delay": 0, "correction": "avg", "outer_lr": 1.5, **P},
+    # Averages in flight over the same coordinates: every step (N = 2 <= tau = 3, and
+    # p = 1, tau = 2 with blocks), so each applied jump shifts the newer snapshots.
+    {"fraction": 0.5, "delay": 3, "correction": "ema", "ema_start": 4, **P},
+    {"fraction": 1.0, "delay": 2, "correction": "drift", "selector": "block",
+     "block_size": 4},
 ]
 STEPS = 12
 
@@ -366,7 +392,7 @@ def test_distributed_equals_single_process_replay(distributed_cases, k):
 
 # Replicas of two ranks: the parts of each selection split over the replica's ranks,
 # the dense warm-up and the outer step's anchor all-reduce (CASES[9]) split the same way.
-REPLICA_CASES = [CASES[2], CASES[4], CASES[7], CASES[8], CASES[9]]
+REPLICA_CASES = [CASES[2], CASES[4], CASES[7], CASES[8], CASES[9], CASES[11]]
 
 
 @pytest.fixture(scope="module")
