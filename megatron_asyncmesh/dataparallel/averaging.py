@@ -31,19 +31,15 @@ holds the same) and a momentum ``M``, and applies
 the mean of the replicas' own (e.g. orthogonalised) updates is shorter than one
 update on their mean gradient.
 
-The drift is what the replica's own optimizer did to those coordinates: averages
-of the same coordinates applied while this one was in flight are not part of it.
-A coordinate is selected again before its previous average has landed whenever
-``fraction > 1 / (tau + 1)`` (``N <= tau``), and at the start of every cycle, whose
-fresh permutation overlaps the previous cycle's last ``tau`` groups (about one
-coordinate in eight for p = 0.2, tau = 2 and for the paper's p = 0.05, tau = 10).
-So each applied average also shifts the newer in-flight snapshots by the jump it
-made where they overlap (:meth:`SparseAverager._shift_in_flight`). Counting the
-jump as drift instead adds it a second time through the correction, and when
-every step overlaps (p = 1, tau = 2) the run ended 7.3 % above dense averaging at
-1000 steps (the README's "Averages in flight"). The due averages are applied
-before the step's snapshot is taken (``tau >= 1``), so the snapshot and what is
-sent are the replica's current weights.
+Order within a step, as the paper's: this step's snapshot is taken, then the averages
+now due are applied. A coordinate selected again while its previous average is still in
+flight (at the start of each cycle, whose fresh permutation overlaps the previous
+cycle's last ``tau`` groups; every step when ``N <= tau``) therefore has that average's
+jump in its next drift. Accounting for it exactly (shifting the in-flight snapshots by
+each jump) was measured worse at ``mesh.yaml``'s p = 0.2, tau = 2 (+0.9 points on two
+seeds at 1000 steps); when it happens every step the run degrades, which
+:meth:`AveragingConfig.overlap_note` says at start-up (the README's "Averages in
+flight").
 
 ``fraction = 1, delay = 0, avg`` is plain parameter averaging every step;
 ``delay = 0`` with random subsets is SPARTA. ``dense_iters`` (a synchronous warm
@@ -158,6 +154,23 @@ class AveragingConfig:
         """N = ceil(1 / fraction), robust to 1 / 0.05 = 20.000000000000004."""
         return max(1, math.ceil(round(1.0 / self.fraction, 9)))
 
+    def overlap_note(self) -> Optional[str]:
+        """A start-up note when every coordinate is selected again before its previous
+        average has landed (N = ceil(1/p) <= tau): the new snapshot is taken before that
+        average's jump, so the drift counts the jump again (the paper's order, kept: at
+        N > tau it only happens at cycle boundaries, and accounting it exactly measured
+        worse there). When it happens every step the run degrades."""
+        if self.delay == 0 or self.groups > self.delay:
+            return None
+        return (f"note: --dp-fraction {self.fraction} with --dp-delay {self.delay}: each "
+                f"coordinate is averaged again every {self.groups} step(s), before its "
+                f"average from {self.delay} steps earlier has landed, so every drift "
+                f"correction also counts an average's jump (measured at PP 2 x DP 2, 1000 "
+                f"steps: p = 1, tau = 2 ended 7.3 % above averaging every step without "
+                f"delay, p = 0.5, tau = 2 3.2 % at step 600). Keep --dp-fraction below "
+                f"1 / --dp-delay or shorten the delay (the README's \"Averages in "
+                f"flight\").")
+
     def momentum(self, step: int) -> float:
         """EMA momentum m at ``step``: constant, then a half cosine from start to end."""
         lo, hi = self.ema_momentum_start, self.ema_momentum_end
@@ -202,17 +215,6 @@ class Coordinates:
     def coordinates(self) -> torch.Tensor:
         return self.index.long()
 
-    def shift_from(self, other: "Coordinates", values: torch.Tensor,
-                   jump: torch.Tensor) -> None:
-        """``values`` (laid out like this selection) += ``jump`` (laid out like ``other``,
-        a selection of the same tensor) where both select the same coordinate.
-        Fixed-size operations: no host-device synchronisation."""
-        order = torch.argsort(other.index)
-        keys = other.index[order]
-        pos = torch.searchsorted(keys, self.index).clamp_(max=keys.numel() - 1)
-        hit = keys[pos] == self.index
-        values.add_(torch.where(hit, jump[order[pos]], 0.0))
-
 
 class Blocks:
     """One tensor's selected blocks: ``rows`` (sorted, on the parameters' device) of the
@@ -250,19 +252,6 @@ class Blocks:
                 0, self.rows, values[:k].view(self.count, self.length).to(flat.dtype))
         if self.tail:
             flat[self.full:].copy_(values[k:])
-
-    def shift_from(self, other: "Blocks", values: torch.Tensor, jump: torch.Tensor) -> None:
-        """``values`` += ``jump`` on the blocks both selections hold (see
-        :meth:`Coordinates.shift_from`); rows are sorted, so one search per selection."""
-        k, ko = self.count * self.length, other.count * other.length
-        if self.count and other.count:
-            pos = torch.searchsorted(other.rows, self.rows).clamp_(max=other.count - 1)
-            hit = other.rows[pos] == self.rows
-            mine = values[:k].view(self.count, self.length)
-            theirs = jump[:ko].view(other.count, self.length)
-            mine.add_(torch.where(hit[:, None], theirs[pos], 0.0))
-        if self.tail and other.tail:
-            values[k:].add_(jump[ko:])
 
     def coordinates(self) -> torch.Tensor:
         rows = self.rows.long().cpu()
@@ -564,8 +553,6 @@ class SparseAverager:
         if t < self.cfg.dense_iters:
             return self._dense_step()
         anchor_bytes = 0 if self.anchor_reduced else self._reduce_anchor()
-        if self.cfg.delay:          # land what is due first: the snapshot is today's weights
-            self._apply_due(t)
         selection = self._select(t)
         snapshot = self._gather(selection)
         buffer, part = self._parts(snapshot)
@@ -578,13 +565,9 @@ class SparseAverager:
         self.elements_sent += part.numel() if self.world > 1 else 0
         self.bytes_sent += self.last_step_bytes
         self.last_step_bytes += anchor_bytes
-        if not self.cfg.delay:
-            self._apply_due(t)
-        return self.last_step_bytes
-
-    def _apply_due(self, t: int) -> None:
         while self.pending and self.pending[0].step + self.cfg.delay <= t:
             self._apply(self.pending.popleft(), t)
+        return self.last_step_bytes
 
     def _parts(self, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(buffer, part)``: a copy of ``values`` to reduce, and the part of it this rank
@@ -704,47 +687,16 @@ class SparseAverager:
         cfg = self.cfg
         if self.anchor:
             new = self._outer_step(selection, new)
-        overlapping = [other for other in self.pending if self._may_overlap(item, other)]
-        current = None
-        if cfg.correction != "avg" or overlapping:
-            current = self._gather(selection, scratch="current")
         if cfg.correction != "avg":
-            drift = torch.sub(current, item.snapshot, out=item.snapshot)
+            drift = self._gather(selection, scratch="drift").sub_(item.snapshot)
             correction = (drift if cfg.correction == "drift" else
                           self._update_ema(selection, drift, cfg.momentum(now), item.step))
             if cfg.lam != 1.0:
                 correction.mul_(cfg.lam)
             new.add_(correction)
-        if overlapping:
-            self._shift_in_flight(item, overlapping, current.neg_().add_(new))
         self._scatter(selection, new)
         if self.after_apply is not None:
             self.after_apply()
-
-    def _may_overlap(self, item: _Pending, other: _Pending) -> bool:
-        """Whether ``other``'s selection can share coordinates with ``item``'s: the
-        Bernoulli selector's any two steps can; the partition and block selectors' groups
-        are disjoint within a cycle, so only steps of different cycles."""
-        if self.cfg.selector == "bernoulli":
-            return True
-        first, n = self.cfg.dense_iters, self.cfg.groups
-        return (item.step - first) // n != (other.step - first) // n
-
-    def _shift_in_flight(self, item: _Pending, others: List[_Pending],
-                         jump: torch.Tensor) -> None:
-        """``item``'s average moved its coordinates by ``jump`` (new - current): add it to
-        the snapshots of the newer averages still in flight that hold some of them, so
-        their drift stays the replica's own (the module docstring). Only those snapshots
-        change; what was sent is not touched."""
-        for other in others:
-            off_i = off_o = 0
-            for mine, theirs in zip(item.selection, other.selection):
-                n_i, n_o = mine.numel(), theirs.numel()
-                if n_i and n_o:
-                    theirs.shift_from(mine, other.snapshot[off_o:off_o + n_o],
-                                      jump[off_i:off_i + n_i])
-                off_i += n_i
-                off_o += n_o
 
     def _outer_step(self, selection, average: torch.Tensor) -> torch.Tensor:
         """The anchor's new value at the selection (also written to the anchor):

@@ -166,6 +166,9 @@ def attach_sparse_averaging(engine, cfg: AveragingConfig, group=None,
             f"would all-reduce gradients over every rank. Use --zero-stage 1.")
     params, after_apply = _engine_parameters(engine, names, ranks_per_replica)
     averager = SparseAverager(params, cfg, group=group, comm=dscomm, after_apply=after_apply)
+    note = cfg.overlap_note()
+    if note and dscomm.get_rank() == 0:
+        print(note, flush=True)
     if stage == 0:
         patching.replace(engine, "enable_backward_allreduce", False, patch=DS_PATCH,
                          label="DeepSpeedEngine.enable_backward_allreduce")

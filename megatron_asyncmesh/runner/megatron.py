@@ -191,6 +191,9 @@ class MegatronEngine:
                        if cfg.dp_averaging == "sparse" else None)
         if self.layout is not None and dist.get_rank() == 0:
             print(self.layout.describe(), flush=True)
+            note = self.averager.cfg.overlap_note() if self.averager is not None else None
+            if note:
+                print(note, flush=True)
         stage = parallel_state.get_pipeline_model_parallel_rank()
         self.asynchronous = cfg.pipeline_schedule != "flush"
         P = parallel_state.get_pipeline_model_parallel_world_size()
