@@ -31,8 +31,8 @@ holds the same) and a momentum ``M``, and applies
 the mean of the replicas' own (e.g. orthogonalised) updates is shorter than one
 update on their mean gradient.
 
-Order within a step, as the paper's: this step's snapshot is taken, then the averages
-now due are applied. A coordinate selected again while its previous average is still in
+Order within a step (the averager's since its first version): this step's snapshot is
+taken, then the averages now due are applied. A coordinate selected again while its previous average is still in
 flight (at the start of each cycle, whose fresh permutation overlaps the previous
 cycle's last ``tau`` groups; every step when ``N <= tau``) therefore has that average's
 jump in its next drift. Accounting for it exactly (shifting the in-flight snapshots by
@@ -157,7 +157,7 @@ class AveragingConfig:
     def overlap_note(self) -> Optional[str]:
         """A start-up note when every coordinate is selected again before its previous
         average has landed (N = ceil(1/p) <= tau): the new snapshot is taken before that
-        average's jump, so the drift counts the jump again (the paper's order, kept: at
+        average's jump, so the drift counts the jump again (the order kept: at
         N > tau it only happens at cycle boundaries, and accounting it exactly measured
         worse there). When it happens every step the run degrades."""
         if self.delay == 0 or self.groups > self.delay:
