@@ -38,7 +38,7 @@ cycle's last ``tau`` groups; every step when ``N <= tau``) therefore has that av
 jump in its next drift. Accounting for it exactly (shifting the in-flight snapshots by
 each jump) was measured worse at ``mesh.yaml``'s p = 0.2, tau = 2 (+0.9 points on two
 seeds at 1000 steps); when it happens every step the run degrades, which
-:meth:`AveragingConfig.overlap_note` says at start-up (the README's "Averages in
+:meth:`AveragingConfig.overlap_note` says at start-up (the README's "averages in
 flight").
 
 ``fraction = 1, delay = 0, avg`` is plain parameter averaging every step;
@@ -168,7 +168,7 @@ class AveragingConfig:
                 f"correction also counts an average's jump (measured at PP 2 x DP 2, 1000 "
                 f"steps: p = 1, tau = 2 ended 7.3 % above averaging every step without "
                 f"delay, p = 0.5, tau = 2 3.2 % at step 600). Keep --dp-fraction below "
-                f"1 / --dp-delay or shorten the delay (the README's \"Averages in "
+                f"1 / --dp-delay or shorten the delay (the README's \"averages in "
                 f"flight\").")
 
     def momentum(self, step: int) -> float:
