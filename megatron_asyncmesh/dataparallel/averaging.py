@@ -35,11 +35,11 @@ Order within a step (the averager's since its first version): this step's snapsh
 taken, then the averages now due are applied. A coordinate selected again while its
 previous average is still in flight (at the start of each cycle, whose fresh
 permutation overlaps the previous cycle's last ``tau`` groups; every step when
-``N <= tau``) therefore has that average's jump in its next drift. Accounting for it exactly (shifting the in-flight snapshots by
-each jump) was measured worse at ``mesh.yaml``'s p = 0.2, tau = 2 (+0.9 points on two
-seeds at 1000 steps); when it happens every step the run degrades, which
-:meth:`AveragingConfig.overlap_note` says at start-up (the README's "averages in
-flight").
+``N <= tau``) therefore has that average's jump in its next drift. Accounting for it
+exactly (shifting the in-flight snapshots by each jump) was measured worse at
+``mesh.yaml``'s p = 0.2, tau = 2 (+0.9 points on two seeds at 1000 steps); when it
+happens every step the run degrades, which :meth:`AveragingConfig.overlap_note` says at
+start-up (the README's "averages in flight").
 
 ``fraction = 1, delay = 0, avg`` is plain parameter averaging every step;
 ``delay = 0`` with random subsets is SPARTA. ``dense_iters`` (a synchronous warm
