@@ -469,6 +469,8 @@ def test_replicas_disagreeing_on_the_seed_fail_on_every_rank(tmp_path):
     (["--dp-fraction", "0"], "--dp-fraction must be in (0, 1]"),
     (["--dp-fraction", "1.5"], "--dp-fraction must be in (0, 1]"),
     (["--dp-delay", "-1"], "--dp-delay must be an integer >= 0"),
+    (["--dp-lambda", "-0.5"], "--dp-lambda must be in [0, 2]"),
+    (["--dp-lambda", "nan"], "--dp-lambda must be in [0, 2]"),
     (["--use-distributed-optimizer"],
      "--dp-averaging sparse with --use-distributed-optimizer needs replicas of several ranks"),
     (["--optimizer", "muon", "--use-layer-wise-distributed-optimizer"],
