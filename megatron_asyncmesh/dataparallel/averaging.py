@@ -116,9 +116,9 @@ class AveragingConfig:
             raise AveragingError(
                 f"--dp-delay must be an integer >= 0 (steps between launching an average "
                 f"and applying it; 0 = SPARTA), got {self.delay!r}.")
-        if not (isinstance(self.lam, (int, float)) and 0.0 <= self.lam <= 2.0):
+        if not (isinstance(self.lam, (int, float)) and 0.0 <= self.lam <= 4.0):
             raise AveragingError(
-                f"--dp-lambda must be in [0, 2] (the weight of the drift correction: 1 = the "
+                f"--dp-lambda must be in [0, 4] (the weight of the drift correction: 1 = the "
                 f"paper's, 0 = none, as --dp-correction avg), got {self.lam!r}.")
         if self.correction not in CORRECTIONS:
             raise AveragingError(f"--dp-correction must be one of {list(CORRECTIONS)}, got "
