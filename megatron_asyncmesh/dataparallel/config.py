@@ -32,7 +32,8 @@ class DataParallelConfig:
         ("auto", "block", "partition", "bernoulli"))
     dp_block_size: int = option(1024, "coordinates per averaged block (--dp-selector block)",
                                 "parallel")
-    dp_lambda: float = option(1.0, "weight of the drift correction (lambda)", "parallel")
+    dp_lambda: float = option(1.0, "weight of the drift correction (lambda, in [0, 4]; 1 = "
+                              "the paper's)", "parallel")
     dp_seed: Optional[int] = option(None, "selector seed shared by the replicas (default "
                                     "--seed)", "parallel")
     dp_ema_start: int = option(1000, "step from which the ema momentum is cosine-annealed "
